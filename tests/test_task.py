@@ -1,0 +1,176 @@
+import os
+
+import pytest
+import timm
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.task import ClassificationTask
+
+from timm_moex import MoExClassificationTask, MoExLoss, attach_moex, get_moex_hook
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    model = timm.create_model('resnet18', num_classes=5)
+    attach_moex(model)
+    return model
+
+
+# ---- MoExLoss ----
+
+@pytest.mark.parametrize('criterion', [torch.nn.CrossEntropyLoss(), LabelSmoothingCrossEntropy(0.1)])
+def test_loss_with_lam_one_is_the_criterion(criterion):
+    out, target = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    perm = torch.randperm(6)
+    torch.testing.assert_close(MoExLoss(criterion)(out, target, perm, 1.0), criterion(out, target))
+
+
+def test_loss_hard_labels_by_hand():
+    out, target = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    perm = torch.tensor([5, 4, 3, 2, 1, 0])
+    logp = out.log_softmax(-1)
+    rows = torch.arange(6)
+    by_hand = -(0.3 * logp[rows, target] + 0.7 * logp[rows, target[perm]]).mean()
+    torch.testing.assert_close(MoExLoss(torch.nn.CrossEntropyLoss())(out, target, perm, 0.3), by_hand)
+
+
+def test_loss_soft_targets_equal_the_mixture():
+    out = torch.randn(4, 5)
+    target = torch.softmax(torch.randn(4, 5), -1)
+    perm = torch.tensor([2, 0, 3, 1])
+    mixed = 0.6 * target + 0.4 * target[perm]
+    expected = -(mixed * out.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(MoExLoss(SoftTargetCrossEntropy())(out, target, perm, 0.6), expected)
+
+
+def test_cutmix_soft_targets_give_the_three_term_loss():
+    """CutMix along perm, then MoEx along the same perm: REFERENCE section 1's three terms."""
+    out, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    perm = torch.tensor([1, 2, 3, 0])
+    cutmix_lam, lam = 0.7, 0.9
+    soft = cutmix_lam * F.one_hot(y, 5).float() + (1 - cutmix_lam) * F.one_hot(y[perm], 5).float()
+    loss = MoExLoss(SoftTargetCrossEntropy())(out, soft, perm, lam)
+    ce = torch.nn.CrossEntropyLoss()
+    y_b, y_c = y[perm], y[perm][perm]
+    three_terms = (ce(out, y) * cutmix_lam * lam
+                   + ce(out, y_b) * ((1 - cutmix_lam) * lam + cutmix_lam * (1 - lam))
+                   + ce(out, y_c) * (1 - cutmix_lam) * (1 - lam))
+    torch.testing.assert_close(loss, three_terms)
+
+
+def test_loss_refuses_lam_outside_unit_interval():
+    with pytest.raises(ValueError, match='1.5'):
+        MoExLoss(torch.nn.CrossEntropyLoss())(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([1, 0]), 1.5)
+
+
+# ---- MoExClassificationTask ----
+
+def test_task_is_a_timm_classification_task():
+    task = MoExClassificationTask(small_model(), prob=1.0, lam=0.5, verbose=False)
+    assert isinstance(task, ClassificationTask)
+
+
+def test_task_with_prob_one_applies_moex_and_its_loss():
+    model = small_model()
+    task = MoExClassificationTask(model, prob=1.0, lam=0.7, verbose=False).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+    torch.manual_seed(3)
+    result = task(x, y)
+    assert result['moex'] is True
+    perm = result['perm']
+    assert sorted(perm.tolist()) == list(range(8))
+    assert not get_moex_hook(model).armed
+    expected = 0.7 * F.cross_entropy(result['output'], y) + 0.3 * F.cross_entropy(result['output'], y[perm])
+    torch.testing.assert_close(result['loss'], expected)
+    result['loss'].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_task_with_prob_zero_is_the_plain_task():
+    model = small_model()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.0
+    task = MoExClassificationTask(model, prob=0.0, criterion_kwargs=dict(smoothing=0.1), verbose=False).train()
+    plain = ClassificationTask(model, criterion_kwargs=dict(smoothing=0.1), verbose=False).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    result = task(x, y)
+    assert result['moex'] is False and 'perm' not in result
+    torch.testing.assert_close(result['loss'], plain(x, y)['loss'])
+
+
+def test_task_never_applies_moex_in_eval():
+    task = MoExClassificationTask(small_model(), prob=1.0, verbose=False).eval()
+    assert task(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))['moex'] is False
+
+
+def test_task_prob_is_the_fraction_of_batches():
+    task = MoExClassificationTask(small_model(), prob=0.25, verbose=False).train()
+    torch.manual_seed(0)
+    hits = sum(task.draw_perm(4, torch.device('cpu')) is not None for _ in range(2000))
+    # 2000 draws of Bernoulli(0.25): mean 500, std 19.4; six std either side.
+    assert 384 < hits < 616
+
+
+def test_task_with_mixup_soft_targets():
+    model = small_model()
+    task = MoExClassificationTask(model, prob=1.0, lam=0.5, criterion=SoftTargetCrossEntropy(), verbose=False).train()
+    mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, num_classes=5)
+    x, y = mixup(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    result = task(x, y)
+    perm = result['perm']
+    expected = -((0.5 * y + 0.5 * y[perm]) * result['output'].log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(result['loss'], expected)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(prob=1.5), 'prob must be a number in \\[0, 1\\]; got 1.5'),
+    (dict(prob=-0.1), 'got -0.1'),
+    (dict(lam=2), 'lam must be a number in \\[0, 1\\]; got 2'),
+    (dict(lam='0.5'), "got '0.5'"),
+])
+def test_task_refuses_bad_prob_and_lam(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoExClassificationTask(small_model(), verbose=False, **kwargs)
+
+
+def test_task_needs_a_hook():
+    with pytest.raises(ValueError, match='no MoEx hook'):
+        MoExClassificationTask(timm.create_model('resnet18', num_classes=5), verbose=False)
+
+
+# ---- DDP: two gloo processes on the CPU ----
+
+def _ddp_worker(rank: int, world_size: int, port: int, results):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.distributed.init_process_group('gloo', rank=rank, world_size=world_size)
+    try:
+        model = small_model(seed=0)
+        task = MoExClassificationTask(model, prob=1.0, lam=0.5, verbose=False).train()
+        task.prepare_distributed()
+        torch.manual_seed(100 + rank)  # each process permutes its own local batch
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+        result = task(x, y)
+        result['loss'].backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results[rank] = (result['moex'], result['perm'].tolist(), grad)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_task_under_two_process_ddp():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    (applied0, perm0, grad0), (applied1, perm1, grad1) = results[0], results[1]
+    assert applied0 and applied1
+    assert sorted(perm0) == sorted(perm1) == [0, 1, 2, 3]
+    assert torch.isfinite(grad0).all()
+    torch.testing.assert_close(grad0, grad1)  # DDP averaged the gradients of two different batches
+    assert grad0.abs().sum() > 0

@@ -1,0 +1,17 @@
+"""timm-moex: Moment Exchange (MoEx) for timm models.
+
+Importing the package registers its models (the PyramidNet family, CIFAR baselines and the
+``*_moex`` variants) with timm.
+"""
+from .hooks import STEM_LAYERS, MoExHook, attach_moex, get_moex_hook, resolve_moex_layer
+from .losses import MoExLoss
+from .moex import MOEX_NORMS, moment_exchange
+from .tasks import MoExClassificationTask
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'moment_exchange', 'MOEX_NORMS',
+    'MoExHook', 'attach_moex', 'get_moex_hook', 'resolve_moex_layer', 'STEM_LAYERS',
+    'MoExLoss', 'MoExClassificationTask',
+]

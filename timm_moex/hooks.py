@@ -1,0 +1,197 @@
+"""Where MoEx happens: a forward hook on one module's output, armed one forward at a time."""
+import re
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .moex import moment_exchange, parse_norm
+
+__all__ = ['MoExHook', 'attach_moex', 'get_moex_hook', 'resolve_moex_layer', 'STEM_LAYERS']
+
+STEM_LAYERS: Dict[str, str] = {
+    # timm model class -> the module whose output is the stem's output (REFERENCE section 4).
+    'ResNet': 'maxpool',  # resnet, resnext, seresnet, wide_resnet, ...
+    'ConvNeXt': 'stem',
+    'RegNet': 'stem',
+    'ResNetV2': 'stem',
+    'EfficientNet': 'bn1',
+    'MobileNetV3': 'bn1',
+    'DenseNet': 'features.pool0',
+    'VisionTransformer': 'norm_pre',
+    'SwinTransformer': 'patch_embed',
+}
+
+_HOOK_ATTR = '_moex_hook'
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _top_level_names(model: nn.Module) -> List[str]:
+    return [name for name, _ in model.named_children()]
+
+
+def _stem_from_group_matcher(model: nn.Module) -> Optional[str]:
+    """The last outermost module that ``group_matcher()['stem']`` names, in registration order."""
+    matcher = getattr(model, 'group_matcher', None)
+    if matcher is None:
+        return None
+    patterns = matcher().get('stem')
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    regexes = [re.compile(p if isinstance(p, str) else p[0]) for p in patterns]
+    found = None
+    for name, _ in model.named_modules():
+        if not name or (found and name.startswith(found + '.')):
+            continue  # the children of a matched stem module are inside the stem
+        if any(r.match(name) for r in regexes):
+            found = name
+    return found
+
+
+def resolve_moex_layer(model: nn.Module, layer: str = 'stem') -> str:
+    """The dotted name of the module whose output MoEx changes.
+
+    ``'stem'`` is looked up by model class in ``STEM_LAYERS``, then through the model's
+    ``group_matcher()['stem']``; any other value must name a module of the model.
+    """
+    model = _unwrap(model)
+    if layer == 'stem':
+        for cls in type(model).__mro__:
+            if cls.__name__ in STEM_LAYERS:
+                return STEM_LAYERS[cls.__name__]
+        name = _stem_from_group_matcher(model)
+        if name is None:
+            raise ValueError(
+                f"Cannot find the stem of {type(model).__name__}: it is not in timm_moex.STEM_LAYERS and has no "
+                f"group_matcher()['stem']. Pass layer= one of its modules, e.g. one of "
+                f"{_top_level_names(model)}")
+        return name
+    try:
+        model.get_submodule(layer)
+    except AttributeError:
+        raise ValueError(
+            f"layer={layer!r} is not a module of {type(model).__name__}; use 'stem' or a dotted module name. "
+            f"Its top-level modules are {_top_level_names(model)}") from None
+    return layer
+
+
+class MoExHook:
+    """A forward hook that exchanges moments in one module's output when armed.
+
+    ``arm(perm)`` arms it for the next forward only: that forward consumes the permutation
+    and changes the output if the module is in training mode; every later forward (an EMA
+    or eval pass, say) is untouched until the next ``arm``.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            layer: str,
+            norm: str = 'pono',
+            eps: float = 1e-5,
+            detach: bool = False,
+            channel_dim: Optional[int] = None,
+    ):
+        parse_norm(norm)
+        if not eps >= 0:
+            raise ValueError(f'eps must be >= 0; got {eps}')
+        self.layer = layer
+        self.norm = norm
+        self.eps = eps
+        self.detach = detach
+        self.channel_dim = channel_dim
+        self._nhwc = getattr(model, 'output_fmt', 'NCHW') == 'NHWC'
+        self._model = model
+        self._module = model.get_submodule(layer)
+        self._perm: Optional[torch.Tensor] = None
+        # The id, not a RemovableHandle, so that deep copies (EMA) remove their own hook.
+        self._hook_id = self._module.register_forward_hook(self._forward_hook).id
+
+    def __repr__(self) -> str:
+        return (f'MoExHook(layer={self.layer!r}, norm={self.norm!r}, eps={self.eps}, '
+                f'detach={self.detach}, armed={self.armed})')
+
+    @property
+    def armed(self) -> bool:
+        return self._perm is not None
+
+    @property
+    def attached(self) -> bool:
+        return self._hook_id in self._module._forward_hooks
+
+    def arm(self, perm: torch.Tensor) -> None:
+        """Exchange moments along ``perm`` (sample i takes sample perm[i]'s) in the next forward."""
+        if not self.attached:
+            raise RuntimeError('This MoExHook was removed; attach a new one with timm_moex.attach_moex')
+        if not isinstance(perm, torch.Tensor) or perm.dim() != 1:
+            raise ValueError(f'perm must be a 1-D tensor of sample indices; got {perm!r:.80}')
+        self._perm = perm
+
+    def disarm(self) -> None:
+        self._perm = None
+
+    def remove(self) -> None:
+        """Detach the hook; the model is exactly as it was before ``attach_moex``."""
+        self._perm = None
+        self._module._forward_hooks.pop(self._hook_id, None)
+        if getattr(self._model, _HOOK_ATTR, None) is self:
+            delattr(self._model, _HOOK_ATTR)
+
+    def _forward_hook(self, module: nn.Module, args, output):
+        perm = self._perm
+        if perm is None:
+            return None
+        self._perm = None
+        if not module.training:
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f'MoEx layer {self.layer!r} returns {type(output).__name__}, not a tensor; choose another layer')
+        channel_dim = self.channel_dim
+        if channel_dim is None:
+            channel_dim = -1 if output.dim() == 3 or (output.dim() == 4 and self._nhwc) else 1
+        return moment_exchange(output, perm, norm=self.norm, eps=self.eps, channel_dim=channel_dim, detach=self.detach)
+
+
+def attach_moex(
+        model: nn.Module,
+        layer: str = 'stem',
+        norm: str = 'pono',
+        eps: float = 1e-5,
+        detach: bool = False,
+        channel_dim: Optional[int] = None,
+) -> MoExHook:
+    """Attach a MoEx hook to ``model`` at ``layer`` ('stem' or a dotted module name).
+
+    Attach before ``torch.compile`` (a hook added to a compiled model is not traced) and
+    before wrapping in DDP. ``channel_dim`` overrides the layout found from the output's rank
+    and ``model.output_fmt``: NCHW, NHWC, or tokens (B, N, C).
+    """
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError(
+            'attach_moex got a torch.compile()d model: a hook added after compiling is not traced. '
+            'Attach MoEx to the plain model first, then compile it.')
+    model = _unwrap(model)
+    existing = getattr(model, _HOOK_ATTR, None)
+    if existing is not None:
+        raise ValueError(f'{type(model).__name__} already has {existing}; call .remove() on it first')
+    hook = MoExHook(model, resolve_moex_layer(model, layer), norm=norm, eps=eps, detach=detach, channel_dim=channel_dim)
+    setattr(model, _HOOK_ATTR, hook)
+    return hook
+
+
+def get_moex_hook(model: nn.Module) -> Optional[MoExHook]:
+    """The MoEx hook attached to ``model`` (also inside DDP or torch.compile wrappers), or None."""
+    return getattr(_unwrap(model), _HOOK_ATTR, None)

@@ -1,0 +1,156 @@
+"""Moment Exchange (MoEx), the pure operation.
+
+Li et al., "On Feature Normalization and Data Augmentation", CVPR 2021.
+
+Each sample's features are normalized by their own moments (mean and standard deviation over
+the dimensions that the normalization names) and de-normalized with the moments of a donor
+sample, ``x[perm[i]]``::
+
+    out = (x - mean) / std * std[perm] + mean[perm]
+
+computed as one affine ``x * scale + shift`` with statistics in float32 (float64 stays float64).
+"""
+import re
+from typing import List, Tuple
+
+import torch
+
+__all__ = ['moment_exchange', 'parse_norm', 'MOEX_NORMS']
+
+MOEX_NORMS = ('pono', 'in', 'ln', 'gnG', 'gn-dD', 'gponoG')
+"""Normalizations that ``moment_exchange`` accepts; G and D stand for positive integers."""
+
+_GROUP_NORM = re.compile(r'^(gn|gpono)(\d+)$')
+_GROUP_SIZE_NORM = re.compile(r'^gn-d(\d+)$')
+
+
+def parse_norm(norm: str) -> Tuple[str, int, int]:
+    """Split a normalization name into (kind, groups, group_size).
+
+    kind is one of 'pono', 'in', 'ln', 'gn', 'gpono'; ``groups`` (G) or ``group_size`` (D) is
+    set for the grouped kinds and 0 otherwise.
+    """
+    if norm in ('pono', 'in', 'ln'):
+        return norm, 0, 0
+    if norm == 'bn':
+        raise ValueError(
+            "norm='bn' is not supported: batch-norm statistics are shared by every sample of the "
+            "batch, so exchanging them between samples would change nothing. "
+            f"Use one of {', '.join(MOEX_NORMS)} (PONO, 'pono', is the paper's default).")
+    m = _GROUP_NORM.match(norm)
+    if m and int(m.group(2)) > 0:
+        return m.group(1), int(m.group(2)), 0
+    m = _GROUP_SIZE_NORM.match(norm)
+    if m and int(m.group(1)) > 0:
+        return 'gn', 0, int(m.group(1))
+    raise ValueError(
+        f'Unknown MoEx norm {norm!r}; valid norms are {", ".join(MOEX_NORMS)} '
+        '(G groups, or groups of D channels, as positive integers, e.g. gn4, gn-d16, gpono2).')
+
+
+def _grouped_view(x: torch.Tensor, norm: str, channel_dim: int) -> Tuple[torch.Tensor, List[int]]:
+    """View x so that the statistics of ``norm`` reduce over the returned dims."""
+    kind, groups, group_size = parse_norm(norm)
+    other = [d for d in range(1, x.dim()) if d != channel_dim]
+    if kind == 'pono':
+        return x, [channel_dim]
+    if kind == 'in':
+        if not other:
+            raise ValueError(f"norm='in' needs dimensions besides batch and channels; got shape {tuple(x.shape)}")
+        return x, other
+    if kind == 'ln':
+        return x, list(range(1, x.dim()))
+
+    num_channels = x.shape[channel_dim]
+    if group_size:
+        if num_channels % group_size:
+            raise ValueError(
+                f'norm={norm!r} needs the channel count to be a multiple of {group_size}; got {num_channels} channels')
+        groups = num_channels // group_size
+    elif num_channels % groups:
+        raise ValueError(
+            f'norm={norm!r} needs the channel count to be a multiple of {groups}; got {num_channels} channels')
+    # Splitting one dimension in two is always a view, whatever the memory format.
+    shape = list(x.shape)
+    shape[channel_dim:channel_dim + 1] = [groups, num_channels // groups]
+    xg = x.view(shape)
+    in_group = channel_dim + 1
+    if kind == 'gpono':
+        return xg, [in_group]
+    return xg, [in_group] + [d + 1 if d > channel_dim else d for d in other]
+
+
+def moment_exchange(
+        x: torch.Tensor,
+        perm: torch.Tensor,
+        norm: str = 'pono',
+        eps: float = 1e-5,
+        channel_dim: int = 1,
+        detach: bool = False,
+) -> torch.Tensor:
+    """Give every sample ``i`` of ``x`` the moments of sample ``perm[i]``.
+
+    Args:
+        x: Features with the batch first: (B, C, H, W) (contiguous or channels_last),
+            (B, H, W, C) or tokens (B, N, C) with ``channel_dim=-1``, or any (B, C, ...).
+        perm: Integer tensor of shape (B,); ``perm[i]`` is the donor of sample i's moments.
+        norm: Which moments: 'pono' (over channels at each position; the paper's default),
+            'in' (per channel over positions), 'ln' (over everything but the batch), 'gnG' (G
+            channel groups), 'gn-dD' (groups of D channels), 'gponoG' (PONO inside G groups).
+        eps: Added to the unbiased variance inside the square root.
+        channel_dim: The channel dimension: 1 for NCHW, -1 for NHWC and tokens.
+        detach: Stop gradients through the donor's moments (the paper lets them flow).
+
+    Returns:
+        A tensor of x's shape, dtype and memory format.
+    """
+    if x.dim() < 2:
+        raise ValueError(f'moment_exchange needs a batched tensor of rank >= 2; got shape {tuple(x.shape)}')
+    if not x.is_floating_point():
+        raise TypeError(f'moment_exchange needs floating-point features; got {x.dtype}')
+    if not -x.dim() <= channel_dim < x.dim() or channel_dim % x.dim() == 0:
+        raise ValueError(
+            f'channel_dim={channel_dim} is not a channel dimension of a tensor of shape {tuple(x.shape)}; '
+            'use 1 (NCHW, the default) or -1 (NHWC and tokens)')
+    channel_dim %= x.dim()
+    _check_perm(perm, x.shape[0])
+
+    xg, dims = _grouped_view(x, norm, channel_dim)
+    count = 1
+    for d in dims:
+        count *= xg.shape[d]
+    if count < 2:
+        raise ValueError(
+            f'norm={norm!r} reduces over {count} element per sample for shape {tuple(x.shape)}: '
+            'an unbiased variance needs at least 2')
+
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    xs = xg.to(stat_dtype)
+    var, mean = torch.var_mean(xs, dim=dims, correction=1, keepdim=True)
+    std = (var + eps).sqrt()
+    donor_mean, donor_std = mean[perm], std[perm]
+    if detach:
+        donor_mean, donor_std = donor_mean.detach(), donor_std.detach()
+    scale = donor_std / std
+    shift = donor_mean - mean * scale
+    out = torch.addcmul(shift, xs, scale).to(x.dtype).reshape(x.shape)
+    # Grouped statistics can lead the broadcast to pick another layout; give back x's own.
+    return out.contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_perm(perm: torch.Tensor, batch_size: int) -> None:
+    if not isinstance(perm, torch.Tensor):
+        raise TypeError(f'perm must be a tensor of sample indices; got {type(perm).__name__}')
+    if perm.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f'perm must hold integer indices (torch.int64 or torch.int32); got {perm.dtype}')
+    if perm.shape != (batch_size,):
+        raise ValueError(
+            f'perm must have shape ({batch_size},), one donor index per sample of the batch; '
+            f'got shape {tuple(perm.shape)}')
+
