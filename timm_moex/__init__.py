@@ -5,6 +5,7 @@ Importing the package registers its models (the PyramidNet family, CIFAR baselin
 """
 from .hooks import STEM_LAYERS, MoExHook, attach_moex, get_moex_hook, resolve_moex_layer
 from .losses import MoExLoss
+from .models import create_model, is_moex_variant, register_moex_variant
 from .moex import MOEX_NORMS, moment_exchange
 from .tasks import MoExClassificationTask
 
@@ -14,4 +15,5 @@ __all__ = [
     'moment_exchange', 'MOEX_NORMS',
     'MoExHook', 'attach_moex', 'get_moex_hook', 'resolve_moex_layer', 'STEM_LAYERS',
     'MoExLoss', 'MoExClassificationTask',
+    'create_model', 'is_moex_variant', 'register_moex_variant',
 ]

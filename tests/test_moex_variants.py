@@ -1,0 +1,115 @@
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models._registry import get_pretrained_cfg, model_entrypoint
+
+import timm_moex
+from timm_moex import get_moex_hook
+from timm_moex.models.moex_variants import MOEX_BASE_MODELS
+
+REQUIRED = ['resnet18', 'resnet50', 'resnet101', 'resnext50_32x4d', 'wide_resnet50_2', 'densenet121', 'densenet201',
+            'convnext_tiny', 'efficientnet_b0', 'vit_small_patch16_224', 'pyramidnet200', 'pyramidnet200_a240',
+            'pyramidnet110_a48', 'pyramidnet110_a270', 'pyramidnet164_a270', 'pyramidnet236_a220',
+            'pyramidnet272_a200', 'pyramidnet101_a360', 'pyramidnet200_a300', 'resnet18_cifar',
+            'wide_resnet28_10_cifar']
+
+# variant -> (kwargs for a quick CPU forward, input size, expected MoEx layer)
+SMALL = {
+    'resnet18_moex': (dict(num_classes=10), 32, 'maxpool'),
+    'densenet121_moex': (dict(num_classes=10), 32, 'features.pool0'),
+    'pyramidnet110_a48_moex': (dict(num_classes=100), 32, 'bn1'),
+    'resnet18_cifar_moex': (dict(num_classes=10), 32, 'act1'),
+}
+
+
+def test_every_listed_model_has_a_variant():
+    names = set(timm.list_models('*_moex'))
+    for base in REQUIRED:
+        assert f'{base}_moex' in names
+    assert names == {f'{base}_moex' for base in MOEX_BASE_MODELS}
+
+
+def test_import_changes_no_existing_model():
+    assert model_entrypoint('resnet18').__module__ == 'timm.models.resnet'
+    assert get_moex_hook(timm.create_model('resnet18')) is None
+    assert get_pretrained_cfg('resnet50').architecture == 'resnet50'
+
+
+def test_variant_carries_the_base_pretrained_configs():
+    base, variant = get_pretrained_cfg('resnet50.a1_in1k'), get_pretrained_cfg('resnet50_moex.a1_in1k')
+    assert variant.hf_hub_id == base.hf_hub_id == 'timm/resnet50.a1_in1k'
+    assert variant.architecture == 'resnet50_moex'
+    assert timm.list_pretrained('resnet50_moex*') == [n.replace('resnet50', 'resnet50_moex', 1)
+                                                      for n in timm.list_pretrained('resnet50.*')]
+
+
+def test_the_paper_call():
+    model = timm.create_model('pyramidnet200_moex', num_classes=100, moex_norm='pono', moex_layer='stem')
+    hook = get_moex_hook(model)
+    assert hook.layer == 'bn1' and hook.norm == 'pono'
+    assert sum(p.numel() for p in model.parameters()) == 26_844_952
+
+
+@pytest.mark.parametrize('variant', SMALL)
+def test_variant_in_eval_equals_its_base_and_exchanges_in_training(variant):
+    kwargs, size, layer = SMALL[variant]
+    base = timm.create_model(variant[:-len('_moex')], **kwargs)
+    model = timm.create_model(variant, **kwargs)
+    assert get_moex_hook(model).layer == layer
+    model.load_state_dict(base.state_dict())
+    x = torch.randn(4, 3, size, size)
+    base.eval(), model.eval()
+    get_moex_hook(model).arm(torch.tensor([1, 2, 3, 0]))
+    torch.testing.assert_close(model(x), base(x))
+
+    model.train(), base.train()
+    get_moex_hook(model).arm(torch.tensor([1, 2, 3, 0]))
+    assert (model(x) - base(x)).abs().max() > 1e-4
+
+
+def test_state_dict_round_trip_through_safetensors(tmp_path):
+    base = timm.create_model('resnet18', num_classes=10)
+    variant = timm.create_model('resnet18_moex', num_classes=10)
+    assert list(variant.state_dict()) == list(base.state_dict())
+
+    save_file(variant.state_dict(), tmp_path / 'variant.safetensors')
+    base.load_state_dict(load_file(tmp_path / 'variant.safetensors'))
+    save_file(base.state_dict(), tmp_path / 'base.safetensors')
+    fresh = timm.create_model('resnet18_moex', num_classes=10)
+    fresh.load_state_dict(load_file(tmp_path / 'base.safetensors'))
+    for key, value in variant.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value)
+
+
+def test_pretrained_loads_what_the_base_loads(tmp_path):
+    # 1000 classes, as the pretrained config says: with others timm re-initializes the classifier.
+    source = timm.create_model('resnet18')
+    save_file(source.state_dict(), tmp_path / 'weights.safetensors')
+    overlay = dict(file=str(tmp_path / 'weights.safetensors'))
+    base = timm.create_model('resnet18', pretrained=True, pretrained_cfg_overlay=overlay)
+    variant = timm.create_model('resnet18_moex', pretrained=True, pretrained_cfg_overlay=overlay)
+    assert get_moex_hook(variant) is not None
+    for key, value in base.state_dict().items():
+        torch.testing.assert_close(variant.state_dict()[key], value)
+        torch.testing.assert_close(source.state_dict()[key], value)
+
+
+def test_create_model_for_any_timm_model():
+    model = timm_moex.create_model('resnet10t', moex=dict(norm='gn-d8', layer='layer1'), num_classes=3)
+    hook = get_moex_hook(model)
+    assert (hook.layer, hook.norm) == ('layer1', 'gn-d8')
+    assert get_moex_hook(timm_moex.create_model('resnet10t')).layer == 'maxpool'
+    variant = timm_moex.create_model('resnet18_moex', moex=dict(norm='in'), num_classes=3)
+    assert get_moex_hook(variant).norm == 'in'
+
+
+def test_bad_names_and_arguments():
+    with pytest.raises(RuntimeError, match='Unknown model'):
+        timm.create_model('pyramidnet999_moex')
+    with pytest.raises(TypeError, match="'moex_nrom'.*moex_norm"):
+        timm.create_model('resnet18_moex', moex_nrom='in')
+    with pytest.raises(TypeError, match="'nrom'"):
+        timm_moex.create_model('resnet18', moex=dict(nrom='in'))
+    with pytest.raises(ValueError, match="'bogus'"):
+        timm.create_model('resnet18_moex', moex_norm='bogus')

@@ -1,0 +1,102 @@
+"""``<name>_moex``: timm models born with a MoEx hook on their stem.
+
+``timm.create_model('resnet50_moex', pretrained=True, moex_norm='pono', moex_layer='stem')``
+builds ``resnet50`` exactly as timm would (same weights, same state_dict keys) and attaches
+``timm_moex.attach_moex`` before returning, so the hook exists before any ``torch.compile``.
+Each variant is registered with its base model's pretrained configs (same files, same hub
+ids), so ``timm.list_pretrained('*_moex')`` and the tags (``resnet50_moex.a1_in1k``) work.
+"""
+from collections import deque
+from typing import Any, Dict, Optional
+
+import timm
+import torch.nn as nn
+from timm.models import register_model
+from timm.models._pretrained import DefaultCfg
+from timm.models._registry import get_arch_pretrained_cfgs, is_model, split_model_name_tag
+
+from ..hooks import attach_moex
+
+__all__ = ['create_model', 'register_moex_variant', 'is_moex_variant', 'MOEX_BASE_MODELS']
+
+MOEX_BASE_MODELS = (
+    # this package's CIFAR and PyramidNet models
+    'pyramidnet110_a48', 'pyramidnet110_a270', 'pyramidnet164_a270', 'pyramidnet200_a240',
+    'pyramidnet236_a220', 'pyramidnet272_a200', 'pyramidnet200', 'pyramidnet101_a360', 'pyramidnet200_a300',
+    'resnet18_cifar', 'wide_resnet28_10_cifar',
+    # timm families whose stem output is known (timm_moex.STEM_LAYERS)
+    'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d', 'resnext101_32x8d',
+    'seresnet50', 'wide_resnet50_2', 'wide_resnet101_2',
+    'densenet121', 'densenet161', 'densenet169', 'densenet201',
+    'convnext_tiny', 'convnext_small', 'convnext_base',
+    'efficientnet_b0', 'efficientnet_b1', 'efficientnet_b2', 'efficientnet_b3', 'mobilenetv3_large_100',
+    'regnety_016', 'resnetv2_50',
+    'vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_224', 'swin_tiny_patch4_window7_224',
+)
+
+# Read by timm's register_model for the variants' pretrained configs.
+default_cfgs: Dict[str, DefaultCfg] = {}
+
+_MOEX_KWARGS = ('norm', 'layer', 'eps', 'detach', 'channel_dim')
+_variant_base: Dict[str, str] = {}
+
+
+def _pop_moex_kwargs(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    moex = {}
+    for key in [k for k in kwargs if k.startswith('moex_')]:
+        name = key[len('moex_'):]
+        if name not in _MOEX_KWARGS:
+            raise TypeError(
+                f'{variant}: unknown MoEx argument {key!r}; accepted: {", ".join("moex_" + k for k in _MOEX_KWARGS)}')
+        moex[name] = kwargs.pop(key)
+    return moex
+
+
+def register_moex_variant(base: str) -> str:
+    """Register ``<base>_moex`` in timm's registry; returns the new name."""
+    if not is_model(base):
+        raise ValueError(f'Cannot register a MoEx variant of {base!r}: timm does not know that model')
+    variant = f'{base}_moex'
+    base_cfgs = list(get_arch_pretrained_cfgs(base).values())
+    tags = [cfg.tag or '' for cfg in base_cfgs]
+    default_cfgs[variant] = DefaultCfg(tags=deque(tags), cfgs=dict(zip(tags, base_cfgs)))
+
+    def create(pretrained: bool = False, **kwargs) -> nn.Module:
+        moex = _pop_moex_kwargs(variant, kwargs)
+        model = timm.create_model(base, pretrained=pretrained, **kwargs)
+        attach_moex(model, **moex)
+        return model
+
+    create.__name__ = create.__qualname__ = variant
+    create.__doc__ = f'{base} with a MoEx hook (timm_moex.attach_moex) attached at creation.'
+    register_model(create)
+    _variant_base[variant] = base
+    return variant
+
+
+def is_moex_variant(model_name: str) -> bool:
+    return split_model_name_tag(model_name)[0] in _variant_base
+
+
+def create_model(model_name: str, moex: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` for any timm model, with a MoEx hook attached.
+
+    Args:
+        model_name: Any timm model name (a ``*_moex`` variant too); tags like ``.a1_in1k`` work.
+        moex: Arguments of ``timm_moex.attach_moex`` (norm, layer, eps, detach, channel_dim);
+            None for the defaults (PONO at the stem).
+        **kwargs: Passed to ``timm.create_model``.
+    """
+    moex = dict(moex or {})
+    unknown = sorted(set(moex) - set(_MOEX_KWARGS))
+    if unknown:
+        raise TypeError(f'unknown MoEx argument(s) {unknown}; accepted: {", ".join(_MOEX_KWARGS)}')
+    if is_moex_variant(model_name):
+        return timm.create_model(model_name, **{f'moex_{k}': v for k, v in moex.items()}, **kwargs)
+    model = timm.create_model(model_name, **kwargs)
+    attach_moex(model, **moex)
+    return model
+
+
+for _base in MOEX_BASE_MODELS:
+    register_moex_variant(_base)
