@@ -126,11 +126,33 @@ def test_task_with_mixup_soft_targets():
     torch.testing.assert_close(result['loss'], expected)
 
 
+def test_flip_pairing_with_timm_cutmix_gives_the_three_term_loss():
+    """timm's CutMix pairs i with B-1-i; MoEx along the same pairing gets the paper's three terms
+    (its target_c = target_b[perm] is target_a, the flip being its own inverse)."""
+    model = small_model()
+    task = MoExClassificationTask(model, prob=1.0, lam=0.9, pairing='flip', criterion=SoftTargetCrossEntropy(),
+                                  verbose=False).train()
+    y = torch.tensor([0, 1, 2, 3])
+    mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, num_classes=5, label_smoothing=0.0)
+    torch.manual_seed(1)
+    x, soft = mixup(torch.randn(4, 3, 32, 32), y)
+    cutmix_lam = soft[0, 0].item()
+    result = task(x, soft)
+    assert result['perm'].tolist() == [3, 2, 1, 0]
+    ce = torch.nn.CrossEntropyLoss()
+    out, lam, y_b = result['output'], 0.9, y.flip(0)
+    three_terms = (ce(out, y) * cutmix_lam * lam
+                   + ce(out, y_b) * ((1 - cutmix_lam) * lam + cutmix_lam * (1 - lam))
+                   + ce(out, y) * (1 - cutmix_lam) * (1 - lam))
+    torch.testing.assert_close(result['loss'], three_terms)
+
+
 @pytest.mark.parametrize('kwargs, match', [
     (dict(prob=1.5), 'prob must be a number in \\[0, 1\\]; got 1.5'),
     (dict(prob=-0.1), 'got -0.1'),
     (dict(lam=2), 'lam must be a number in \\[0, 1\\]; got 2'),
     (dict(lam='0.5'), "got '0.5'"),
+    (dict(pairing='shuffle'), "pairing must be one of \\('random', 'flip'\\); got 'shuffle'"),
 ])
 def test_task_refuses_bad_prob_and_lam(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -9,7 +9,9 @@ from timm.task import ClassificationTask
 from .hooks import MoExHook, get_moex_hook
 from .losses import MoExLoss
 
-__all__ = ['MoExClassificationTask']
+__all__ = ['MoExClassificationTask', 'PAIRINGS']
+
+PAIRINGS = ('random', 'flip')
 
 _logger = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ class MoExClassificationTask(ClassificationTask):
         hook: The model's hook; default ``get_moex_hook(model)``.
         prob: Probability that a batch is moment-exchanged (decided per batch and process).
         lam: Weight of the sample's own target.
+        pairing: Who gives sample i its moments: 'random' (a random permutation, the paper's
+            choice) or 'flip' (sample B-1-i, the pairing of ``timm.data.Mixup``: Mixup/CutMix and
+            MoEx then share one pairing, and with Mixup's soft targets the loss is exactly the
+            three-term CutMix + MoEx loss of the paper's code; shuffled batches keep it random).
         criterion, criterion_kwargs, device, dtype, verbose: as ``timm.task.ClassificationTask``.
 
     The result dict holds 'loss', 'output', 'moex' (whether MoEx was applied) and, when
@@ -46,6 +52,7 @@ class MoExClassificationTask(ClassificationTask):
             hook: Optional[MoExHook] = None,
             prob: float = 0.25,
             lam: float = 0.5,
+            pairing: str = 'random',
             criterion: Optional[Union[nn.Module, Callable]] = None,
             criterion_kwargs: Optional[Dict[str, Any]] = None,
             device: Optional[torch.device] = None,
@@ -54,6 +61,8 @@ class MoExClassificationTask(ClassificationTask):
     ):
         prob = _check_unit_interval('prob', prob)
         lam = _check_unit_interval('lam', lam)
+        if pairing not in PAIRINGS:
+            raise ValueError(f'pairing must be one of {PAIRINGS}; got {pairing!r}')
         hook = hook if hook is not None else get_moex_hook(model)
         if hook is None:
             raise ValueError(
@@ -64,17 +73,20 @@ class MoExClassificationTask(ClassificationTask):
         self.hook = hook
         self.prob = prob
         self.lam = lam
+        self.pairing = pairing
         self.moex_loss = MoExLoss(self.criterion)
         if self.verbose:
-            _logger.info(f'{type(self).__name__}: {hook}, prob={self.prob}, lam={self.lam}')
+            _logger.info(f'{type(self).__name__}: {hook}, prob={self.prob}, lam={self.lam}, pairing={pairing}')
 
     def draw_perm(self, batch_size: int, device: torch.device) -> Optional[torch.Tensor]:
-        """A permutation of the batch with probability ``prob`` (training mode only), else None."""
+        """The donors of the batch with probability ``prob`` (training mode only), else None."""
         if self.prob == 0.0 or not self.get_trainable_module().training:
             return None
         # The coin is tossed on the CPU generator: no device sync, reproducible under set_seed.
         if self.prob < 1.0 and torch.rand(()).item() >= self.prob:
             return None
+        if self.pairing == 'flip':
+            return torch.arange(batch_size - 1, -1, -1, device=device)
         return torch.randperm(batch_size, device=device)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
