@@ -113,3 +113,11 @@ def test_bad_names_and_arguments():
         timm_moex.create_model('resnet18', moex=dict(nrom='in'))
     with pytest.raises(ValueError, match="'bogus'"):
         timm.create_model('resnet18_moex', moex_norm='bogus')
+
+
+def test_the_stem_of_this_package_models_is_the_moex_layer():
+    """REFERENCE section 1: after conv1 + bn1 for the CIFAR PyramidNet, after the stem elsewhere."""
+    assert timm_moex.resolve_moex_layer(timm.create_model('pyramidnet110_a48')) == 'bn1'
+    assert timm_moex.resolve_moex_layer(timm.create_model('pyramidnet101_a360')) == 'maxpool'
+    assert timm_moex.resolve_moex_layer(timm.create_model('resnet18_cifar')) == 'act1'
+    assert timm_moex.resolve_moex_layer(timm.create_model('wide_resnet28_10_cifar')) == 'conv1'

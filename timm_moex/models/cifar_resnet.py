@@ -1,154 +1,224 @@
-"""The CIFAR baselines of the augmentation literature, in timm's conventions.
+"""CIFAR baselines of the augmentation literature, as timm models.
 
-- ``resnet18_cifar``: ResNet-18 with a 3x3 stride-1 stem and no max-pool (32x32 inputs), the
-  model of the Mixup / CutMix / MoEx CIFAR tables; timm's own ``BasicBlock``.
-- ``wide_resnet28_10_cifar``: WRN-28-10 (Zagoruyko & Komodakis, 2016), pre-activation blocks.
+* ``resnet18_cifar``: ResNet-18 (He et al., 2016) adapted to 32x32 inputs: 3x3 stride-1 stem
+  without max-pool, four stages of timm's ``BasicBlock`` (post-activation), 1x1-conv + BN
+  projection shortcuts.
+* ``wide_resnet28_10_cifar``: WRN-28-10 (Zagoruyko & Komodakis, "Wide Residual Networks",
+  BMVC 2016): pre-activation basic blocks with optional dropout between the convolutions.
 """
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import LayerType, create_classifier, get_act_layer, get_norm_layer
+from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from timm.models.resnet import BasicBlock
 
-__all__ = ['CifarResNet', 'WideResNetCifar', 'CIFAR10_MEAN', 'CIFAR10_STD']
+__all__ = ['CifarResNet', 'WideResNetCifar', 'WideBasicBlock', 'CIFAR10_MEAN', 'CIFAR10_STD']
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-class _CifarNet(nn.Module):
-    """What both CIFAR networks share: stages ``layer1..N``, a pooled linear head, timm's API."""
+def _init_weights(model: nn.Module) -> None:
+    """He-normal (fan_out) convolutions, unit BN, zero classifier bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class _CifarNetBase(nn.Module):
+    """Classifier head plumbing shared by the CIFAR networks (``global_pool`` + ``fc``)."""
     num_stages: int
+    grad_checkpointing: bool
 
-    def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
-        self.num_features = self.head_hidden_size = num_features
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+    def _stages(self) -> List[nn.Sequential]:
+        return [getattr(self, f'layer{i + 1}') for i in range(self.num_stages)]
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r'^conv1|bn1|act1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+    def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self._stages(), x, flatten=True)
+        for stage in self._stages():
+            x = stage(x)
+        return x
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every residual block in training forward passes."""
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'fc' if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier (``num_classes=0`` for pre-logits); keeps the pooling when ``global_pool`` is None."""
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward_final(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_stem(x)
-        for i in range(1, self.num_stages + 1):
-            stage = getattr(self, f'layer{i}')
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-        return self.forward_final(x)
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
         if self.drop_rate:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
 
-class CifarResNet(_CifarNet):
-    """ResNet with a conv3x3-BN-ReLU stem at full resolution and timm's ``BasicBlock`` stages."""
+class CifarResNet(_CifarNetBase):
+    """ResNet for 32x32 inputs: conv3x3 + BN + ReLU stem (``conv1``, ``bn1``, ``act1``), no max-pool."""
 
     def __init__(
             self,
-            layers: Sequence[int] = (2, 2, 2, 2),
-            widths: Sequence[int] = (64, 128, 256, 512),
+            layers: Tuple[int, ...] = (2, 2, 2, 2),
+            channels: Tuple[int, ...] = (64, 128, 256, 512),
             num_classes: int = 10,
             in_chans: int = 3,
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
+            zero_init_last: bool = False,
+            act_layer: LayerType = nn.ReLU,
+            norm_layer: LayerType = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
     ):
+        """
+        Args:
+            layers: Number of ``BasicBlock`` in each stage (the first stage has stride 1, the others 2).
+            channels: Width of each stage; the stem has the width of the first stage.
+            num_classes: Number of classifier outputs (0 for no classifier).
+            in_chans: Number of input channels.
+            global_pool: Global pooling type.
+            drop_rate: Dropout before the classifier.
+            zero_init_last: Zero-init the last BN of each block (off in the reference CIFAR recipe).
+            act_layer: Activation layer.
+            norm_layer: Normalization layer.
+        """
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.act1 = nn.ReLU(inplace=True)
-        self.feature_info: List[Dict[str, Any]] = [dict(num_chs=widths[0], reduction=1, module='act1')]
-        in_chs, reduction = widths[0], 1
-        for i, (num_blocks, width) in enumerate(zip(layers, widths)):
-            stride = 1 if i == 0 else 2
+        if len(layers) != len(channels):
+            raise ValueError(f'layers {layers} and channels {channels} must have the same length')
+        dd = {'device': device, 'dtype': dtype}
+        act_layer = get_act_layer(act_layer)
+        norm_layer = get_norm_layer(norm_layer)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.num_stages = len(layers)
+
+        in_chs = channels[0]
+        self.conv1 = nn.Conv2d(in_chans, in_chs, 3, padding=1, bias=False, **dd)
+        self.bn1 = norm_layer(in_chs, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.feature_info = [dict(num_chs=in_chs, reduction=1, module='act1')]
+
+        reduction = 1
+        for stage_idx, (depth, out_chs) in enumerate(zip(layers, channels)):
+            stride = 1 if stage_idx == 0 else 2
             reduction *= stride
             blocks = []
-            for j in range(num_blocks):
-                s = stride if j == 0 else 1
+            for i in range(depth):
+                block_stride = stride if i == 0 else 1
                 downsample = None
-                if s != 1 or in_chs != width:
-                    downsample = nn.Sequential(nn.Conv2d(in_chs, width, 1, stride=s, bias=False), nn.BatchNorm2d(width))
-                blocks.append(BasicBlock(in_chs, width, stride=s, downsample=downsample))
-                in_chs = width
-            self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f'layer{i + 1}'))
-        self.num_stages = len(layers)
-        self._init_head(in_chs, num_classes, global_pool, drop_rate)
+                if block_stride != 1 or in_chs != out_chs:
+                    downsample = nn.Sequential(
+                        nn.Conv2d(in_chs, out_chs, 1, stride=block_stride, bias=False, **dd),
+                        norm_layer(out_chs, **dd),
+                    )
+                blocks.append(BasicBlock(
+                    in_chs,
+                    out_chs,
+                    stride=block_stride,
+                    downsample=downsample,
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                    **dd,
+                ))
+                in_chs = out_chs
+            stage_name = f'layer{stage_idx + 1}'
+            self.add_module(stage_name, nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=stage_name))
 
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act1(self.bn1(self.conv1(x)))
+        self.num_features = in_chs
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+        _init_weights(self)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    m.zero_init_last()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Regexes grouping parameters (and top-level modules) into stem and blocks."""
+        return dict(
+            stem=r'^(?:conv1|bn1|act1)(?:\.|$)',
+            blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)',
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        return self._run_stages(x)
 
 
 class WideBasicBlock(nn.Module):
-    """Pre-activation BN-ReLU-conv3x3-(dropout)-BN-ReLU-conv3x3; a 1x1 conv shortcut on the
-    pre-activated input where the shape changes."""
+    """Pre-activation block: BN - ReLU - conv3x3(stride) - BN - ReLU - dropout - conv3x3.
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_rate: float = 0.0):
+    When the shape changes, the 1x1-conv shortcut takes the pre-activated input (as in the
+    reference WRN code); otherwise the shortcut is the raw input.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            stride: int = 1,
+            drop_rate: float = 0.0,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_chs)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+        dd = {'device': device, 'dtype': dtype}
+        self.bn1 = norm_layer(in_chs, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn2 = norm_layer(out_chs, **dd)
+        self.act2 = act_layer(inplace=True)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.bn2 = nn.BatchNorm2d(out_chs)
-        self.act2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
         self.shortcut = None
         if stride != 1 or in_chs != out_chs:
-            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.act1(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(pre)
-        out = self.conv2(self.act2(self.bn2(self.drop(self.conv1(pre)))))
+        out = self.act1(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.drop(self.act2(self.bn2(out)))
+        out = self.conv2(out)
         return out + shortcut
 
 
-class WideResNetCifar(_CifarNet):
-    """WRN-depth-k: a conv3x3 stem of 16 channels, 3 stages of (depth - 4) / 6 blocks of width
-    16k, 32k, 64k, and a final BN-ReLU."""
+class WideResNetCifar(_CifarNetBase):
+    """Wide ResNet for 32x32 inputs: conv3x3 stem (``conv1``), 3 stages, final BN-ReLU."""
 
     def __init__(
             self,
@@ -159,62 +229,124 @@ class WideResNetCifar(_CifarNet):
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
             block_drop_rate: float = 0.0,
+            act_layer: LayerType = nn.ReLU,
+            norm_layer: LayerType = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
     ):
+        """
+        Args:
+            depth: Total depth, 6n + 4 (n blocks per stage).
+            widen_factor: Width multiplier k of the stages (16k, 32k, 64k channels).
+            num_classes: Number of classifier outputs (0 for no classifier).
+            in_chans: Number of input channels.
+            global_pool: Global pooling type.
+            drop_rate: Dropout before the classifier.
+            block_drop_rate: Dropout between the two convolutions of each block (0.3 in the paper's dropout runs).
+            act_layer: Activation layer.
+            norm_layer: Normalization layer.
+        """
         super().__init__()
         if (depth - 4) % 6:
-            raise ValueError(f'WRN depth must be 6n + 4; got {depth}')
+            raise ValueError(f'WRN depth must be 6n + 4, got {depth}')
+        dd = {'device': device, 'dtype': dtype}
+        act_layer = get_act_layer(act_layer)
+        norm_layer = get_norm_layer(norm_layer)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.num_stages = 3
         n = (depth - 4) // 6
-        widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
-        self.feature_info: List[Dict[str, Any]] = [dict(num_chs=16, reduction=1, module='conv1')]
-        in_chs, reduction = 16, 1
-        for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
+        stem_chs = 16
+        widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+
+        self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, padding=1, bias=False, **dd)
+        self.feature_info = [dict(num_chs=stem_chs, reduction=1, module='conv1')]
+
+        in_chs = stem_chs
+        reduction = 1
+        for stage_idx, out_chs in enumerate(widths):
+            stride = 1 if stage_idx == 0 else 2
             reduction *= stride
-            blocks = [WideBasicBlock(in_chs if j == 0 else width, width, stride if j == 0 else 1, block_drop_rate)
-                      for j in range(n)]
-            in_chs = width
-            self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f'layer{i + 1}'))
-        self.num_stages = len(widths)
-        self.bn_final = nn.BatchNorm2d(in_chs)
-        self.act_final = nn.ReLU(inplace=True)
-        self.feature_info[-1]['module'] = 'act_final'
-        self._init_head(in_chs, num_classes, global_pool, drop_rate)
+            blocks = []
+            for i in range(n):
+                blocks.append(WideBasicBlock(
+                    in_chs,
+                    out_chs,
+                    stride=stride if i == 0 else 1,
+                    drop_rate=block_drop_rate,
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                    **dd,
+                ))
+                in_chs = out_chs
+            stage_name = f'layer{stage_idx + 1}'
+            self.add_module(stage_name, nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=stage_name))
+
+        # pre-activation blocks end without a norm, so the head normalizes and activates first
+        self.num_features = in_chs
+        self.bn_final = norm_layer(in_chs, **dd)
+        self.act_final = act_layer(inplace=True)
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+        _init_weights(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r'^conv1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+        """Regexes grouping parameters (and top-level modules) into stem, blocks and head."""
+        return dict(
+            stem=r'^conv1(?:\.|$)',
+            blocks=[(r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)', None), (r'^bn_final', (99999,))],
+        )
 
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv1(x)
-
-    def forward_final(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, stages and the final BN-ReLU: the unpooled features (``num_features`` channels)."""
+        x = self._run_stages(self.conv1(x))
         return self.act_final(self.bn_final(x))
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    return dict(dict(
-        url='', num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0, interpolation='bilinear',
-        mean=CIFAR10_MEAN, std=CIFAR10_STD, first_conv='conv1', classifier='fc', license='apache-2.0'), **kwargs)
+    return {
+        'url': '',
+        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
+        'crop_pct': 1.0, 'interpolation': 'bilinear',
+        'mean': CIFAR10_MEAN, 'std': CIFAR10_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        **kwargs,
+    }
 
 
 default_cfgs = generate_default_cfgs({
-    'resnet18_cifar': _cfg(),
-    'wide_resnet28_10_cifar': _cfg(pool_size=(8, 8)),
+    # four stages (strides 1, 2, 2, 2) leave a 4x4 map at 32x32 input
+    'resnet18_cifar': _cfg(pool_size=(4, 4), paper_ids='arXiv:1512.03385'),
+    'wide_resnet28_10_cifar': _cfg(paper_ids='arXiv:1605.07146'),
 })
+
+
+def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
+    num_stages = len(kwargs.get('layers', (2, 2, 2, 2)))
+    return build_model_with_cfg(
+        CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=tuple(range(num_stages + 1))), **kwargs)
+
+
+def _create_wide_resnet(variant: str, pretrained: bool = False, **kwargs) -> WideResNetCifar:
+    # stem + 3 stages: one map fewer than timm's default 5
+    return build_model_with_cfg(
+        WideResNetCifar, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 @register_model
 def resnet18_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool)."""
-    return build_model_with_cfg(CifarResNet, 'resnet18_cifar', pretrained,
-                                **kwargs)
+    """ResNet-18 for CIFAR (3x3 stem, no max-pool), CIFAR-10 defaults."""
+    model_args = dict(layers=(2, 2, 2, 2), channels=(64, 128, 256, 512))
+    return _create_cifar_resnet('resnet18_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def wide_resnet28_10_cifar(pretrained: bool = False, **kwargs) -> WideResNetCifar:
-    """WRN-28-10 for 32x32 inputs."""
-    kwargs = dict(dict(depth=28, widen_factor=10), **kwargs)
-    return build_model_with_cfg(WideResNetCifar, 'wide_resnet28_10_cifar', pretrained,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
+    """WRN-28-10 for CIFAR, CIFAR-10 defaults."""
+    model_args = dict(depth=28, widen_factor=10)
+    return _create_wide_resnet('wide_resnet28_10_cifar', pretrained, **dict(model_args, **kwargs))

@@ -1,247 +1,355 @@
-"""PyramidNet (Han, Kim, Kim, "Deep Pyramidal Residual Networks", CVPR 2017), in timm's conventions.
+"""PyramidNet (Han, Kim, Kim, "Deep Pyramidal Residual Networks", CVPR 2017) for timm.
 
-Widths grow additively by α / (number of blocks) at every block, shortcuts are identities with
-zero-padded extra channels (average-pooled where the block downsamples), and the residual
-branches are pre-activation style with a BN before the first conv and after the last one.
-ShakeDrop (Yamada et al., 2018) is available through ``shakedrop_prob``.
+Instead of doubling the width at each downsampling, every residual block widens the network by
+the same amount, alpha / (number of blocks), so the final width is stem_width + alpha (times 4
+for bottleneck blocks). Blocks have no ReLU after their last BN and add a zero-padded identity
+shortcut (average-pooled on downsampling blocks), so PyramidNet has no projection convolutions.
 
-CIFAR models take 32x32 inputs; ``pyramidnet200`` is the paper's PyramidNet-200 (α = 240).
+Optional ShakeDrop regularization (Yamada et al., "ShakeDrop Regularization for Deep Residual
+Learning", 2018) with the linear-decay rule used with PyramidNet.
+
+CIFAR models: 3x3 stem, 3 stages, 32x32 input, CIFAR-100 defaults.
+ImageNet models: 7x7 stride-2 stem + max-pool, 4 stages of bottleneck blocks.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import LayerType, create_classifier, get_act_layer, get_norm_layer
+from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 
-__all__ = ['PyramidNet', 'CIFAR100_MEAN', 'CIFAR100_STD']
+__all__ = ['PyramidNet', 'PyramidBasicBlock', 'PyramidBottleneck', 'ShakeDrop', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
 class _ShakeDropFunction(torch.autograd.Function):
-    """Forward scales by b + α - bα, backward by b + β - bβ, with b ~ Bernoulli(1 - p) per sample."""
+    """Scales each sample by b + alpha - b*alpha forward and by b + beta - b*beta backward.
+
+    Written as b + alpha * (1 - b) so that kept samples (b = 1) are scaled by exactly 1.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        alpha = torch.empty_like(gate).uniform_(-1.0, 1.0)
-        ctx.save_for_backward(gate)
-        return x * (gate + alpha - gate * alpha)
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, beta)
+        return x * (gate + alpha * (1 - gate))
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        (gate,) = ctx.saved_tensors
-        beta = torch.rand_like(gate)
-        return grad_output * (gate + beta - gate * beta), None
+    def backward(ctx, grad_output: torch.Tensor):
+        gate, beta = ctx.saved_tensors
+        return grad_output * (gate + beta * (1 - gate)), None, None, None
 
 
 class ShakeDrop(nn.Module):
-    """ShakeDrop on a residual branch with death probability ``p``; the expectation in eval."""
+    """ShakeDrop on a residual branch with death probability ``p``.
 
-    def __init__(self, p: float):
+    Training: per sample, gate b ~ Bernoulli(1 - p), alpha ~ U[-1, 1] (forward) and
+    beta ~ U[0, 1] (backward). Eval: the expected forward scale, 1 - p.
+    """
+
+    def __init__(self, p: float = 0.0):
         super().__init__()
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f'ShakeDrop probability must be in [0, 1]; got {p}')
+            raise ValueError(f'ShakeDrop probability must be in [0, 1], got {p}')
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0:
+            return x
         if not self.training:
             return x * (1.0 - self.p)
-        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-        gate = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.p)
-        return _ShakeDropFunction.apply(x, gate)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        # sampled in float32 so that low-precision inputs get the same distributions
+        gate = torch.empty(shape, device=x.device, dtype=torch.float32).bernoulli_(1.0 - self.p)
+        alpha = torch.empty_like(gate).uniform_(-1.0, 1.0)
+        beta = torch.empty_like(gate).uniform_(0.0, 1.0)
+        return _ShakeDropFunction.apply(x, gate.to(x.dtype), alpha.to(x.dtype), beta.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f'p={self.p:.4f}'
 
 
-def _pad_channels(shortcut: torch.Tensor, channels: int) -> torch.Tensor:
-    """The identity shortcut, its missing channels filled with zeros (any device, dtype, layout)."""
-    extra = channels - shortcut.shape[1]
+def _pad_channels(x: torch.Tensor, num_chs: int) -> torch.Tensor:
+    """Zero-pad the channel dim (dim 1) of an NCHW tensor up to ``num_chs``."""
+    extra = num_chs - x.shape[1]
     if extra == 0:
-        return shortcut
-    return F.pad(shortcut, (0, 0, 0, 0, 0, extra))
+        return x
+    return F.pad(x, (0, 0, 0, 0, 0, extra))
 
 
-class BasicBlock(nn.Module):
-    """BN - conv3x3 - BN - ReLU - conv3x3 - BN."""
-    expansion = 1
+class _PyramidBlock(nn.Module):
+    """Shared forward: (ShakeDrop of) the residual branch plus the zero-padded shortcut."""
+    expansion: int = 1
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, shakedrop_prob: float = 0.0):
+    def __init__(self, stride: int, shakedrop_prob: float):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_chs)
-        self.conv1 = nn.Conv2d(in_chs, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.act = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes)
-        self.shakedrop = ShakeDrop(shakedrop_prob) if shakedrop_prob > 0 else nn.Identity()
+        # ceil_mode keeps the shortcut the size of the stride-2 conv output for odd inputs
         self.downsample = nn.AvgPool2d(2, stride=2, ceil_mode=True) if stride != 1 else nn.Identity()
+        self.shakedrop = ShakeDrop(shakedrop_prob) if shakedrop_prob > 0 else nn.Identity()
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(self.bn1(x))
-        x = self.conv2(self.act(self.bn2(x)))
-        return self.bn3(x)
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shakedrop(self.residual(x))
         return out + _pad_channels(self.downsample(x), out.shape[1])
 
 
-class Bottleneck(BasicBlock):
-    """BN - conv1x1 - BN - ReLU - conv3x3 - BN - ReLU - conv1x1 (4x) - BN."""
-    expansion = 4
+class PyramidBasicBlock(_PyramidBlock):
+    """BN - conv3x3(stride) - BN - ReLU - conv3x3 - BN; output width ``planes``."""
+    expansion = 1
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, shakedrop_prob: float = 0.0):
-        nn.Module.__init__(self)
-        out_chs = planes * self.expansion
-        self.bn1 = nn.BatchNorm2d(in_chs)
-        self.conv1 = nn.Conv2d(in_chs, planes, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.act = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False)
-        self.bn4 = nn.BatchNorm2d(out_chs)
-        self.shakedrop = ShakeDrop(shakedrop_prob) if shakedrop_prob > 0 else nn.Identity()
-        self.downsample = nn.AvgPool2d(2, stride=2, ceil_mode=True) if stride != 1 else nn.Identity()
+    def __init__(
+            self,
+            in_chs: int,
+            planes: int,
+            stride: int = 1,
+            shakedrop_prob: float = 0.0,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(stride, shakedrop_prob)
+        dd = {'device': device, 'dtype': dtype}
+        self.bn1 = norm_layer(in_chs, **dd)
+        self.conv1 = nn.Conv2d(in_chs, planes, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn2 = norm_layer(planes, **dd)
+        self.act2 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False, **dd)
+        self.bn3 = norm_layer(planes, **dd)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(self.bn1(x))
-        x = self.conv2(self.act(self.bn2(x)))
-        x = self.conv3(self.act(self.bn3(x)))
+        x = self.conv2(self.act2(self.bn2(x)))
+        return self.bn3(x)
+
+
+class PyramidBottleneck(_PyramidBlock):
+    """BN - conv1x1 - BN - ReLU - conv3x3(stride) - BN - ReLU - conv1x1 - BN; output width 4 * ``planes``."""
+    expansion = 4
+
+    def __init__(
+            self,
+            in_chs: int,
+            planes: int,
+            stride: int = 1,
+            shakedrop_prob: float = 0.0,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(stride, shakedrop_prob)
+        dd = {'device': device, 'dtype': dtype}
+        out_chs = planes * self.expansion
+        self.bn1 = norm_layer(in_chs, **dd)
+        self.conv1 = nn.Conv2d(in_chs, planes, 1, bias=False, **dd)
+        self.bn2 = norm_layer(planes, **dd)
+        self.act2 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn3 = norm_layer(planes, **dd)
+        self.act3 = act_layer(inplace=True)
+        self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False, **dd)
+        self.bn4 = norm_layer(out_chs, **dd)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(self.bn1(x))
+        x = self.conv2(self.act2(self.bn2(x)))
+        x = self.conv3(self.act3(self.bn3(x)))
         return self.bn4(x)
 
 
-class PyramidNet(nn.Module):
-    """PyramidNet for CIFAR (``imagenet_stem=False``: 3 stages, conv3x3 stem) or ImageNet (4 stages,
-    conv7x7 + max-pool stem).
+def pyramid_widths(layers: Tuple[int, ...], alpha: float, stem_width: int) -> List[List[int]]:
+    """The ``planes`` of every block, stage by stage.
 
-    Args:
-        layers: Blocks per stage.
-        alpha: Total width increase α over all blocks.
-        bottleneck: Bottleneck (4x expansion) or basic blocks.
-        imagenet_stem: The ImageNet stem and strides instead of the CIFAR ones.
-        num_classes, in_chans, global_pool, drop_rate: as every timm model.
-        shakedrop_prob: ShakeDrop death probability of the last block; block l of L gets
-            ``shakedrop_prob * l / L``. 0 disables ShakeDrop.
+    The width is accumulated as a float and rounded per block with Python's ``round`` (ties to
+    even); parameter parity with the reference implementation depends on doing exactly this.
+    """
+    addrate = alpha / sum(layers)
+    dim = float(stem_width)
+    widths = []
+    for depth in layers:
+        stage = []
+        for _ in range(depth):
+            dim += addrate
+            stage.append(int(round(dim)))
+        widths.append(stage)
+    return widths
+
+
+class PyramidNet(nn.Module):
+    """PyramidNet with a CIFAR (3x3 conv + BN) or ImageNet (7x7/2 conv + BN + ReLU + max-pool) stem.
+
+    Top-level children run in registration order: stem (``conv1``, ``bn1`` [, ``act1``,
+    ``maxpool``]), ``layer1``..``layerN``, ``bn_final``, ``act_final``, ``global_pool``, ``fc``.
     """
 
     def __init__(
             self,
-            layers: Sequence[int],
-            alpha: float,
-            bottleneck: bool = True,
-            imagenet_stem: bool = False,
+            layers: Tuple[int, ...] = (18, 18, 18),
+            alpha: float = 48.0,
+            bottleneck: bool = False,
+            stem_type: str = 'cifar',
+            stem_width: Optional[int] = None,
             num_classes: int = 100,
             in_chans: int = 3,
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
             shakedrop_prob: float = 0.0,
+            act_layer: LayerType = nn.ReLU,
+            norm_layer: LayerType = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
     ):
+        """
+        Args:
+            layers: Number of blocks in each stage (the first stage has stride 1, the others 2).
+            alpha: Total widening over the network; the final ``planes`` is ``stem_width + alpha``.
+            bottleneck: Bottleneck blocks (output 4 * planes) instead of basic blocks.
+            stem_type: ``'cifar'`` or ``'imagenet'``.
+            stem_width: Stem output width; 16 for the CIFAR stem, 64 for the ImageNet stem by default.
+            num_classes: Number of classifier outputs (0 for no classifier).
+            in_chans: Number of input channels.
+            global_pool: Global pooling type.
+            drop_rate: Dropout before the classifier.
+            shakedrop_prob: ShakeDrop death probability of the last block; block l of L gets
+                ``shakedrop_prob * l / L``. 0 disables ShakeDrop.
+            act_layer: Activation layer.
+            norm_layer: Normalization layer.
+        """
         super().__init__()
+        if stem_type not in ('cifar', 'imagenet'):
+            raise ValueError(f"stem_type must be 'cifar' or 'imagenet', got {stem_type!r}")
+        dd = {'device': device, 'dtype': dtype}
+        act_layer = get_act_layer(act_layer)
+        norm_layer = get_norm_layer(norm_layer)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        self.imagenet_stem = imagenet_stem
-        block: Type[BasicBlock] = Bottleneck if bottleneck else BasicBlock
+        self.stem_type = stem_type
+        self.num_stages = len(layers)
 
-        stem_chs = 64 if imagenet_stem else 16
-        if imagenet_stem:
-            self.conv1 = nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(stem_chs)
-            self.act1 = nn.ReLU(inplace=True)
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-            stem_module, reduction = 'maxpool', 4
+        # Stem
+        if stem_width is None:
+            stem_width = 16 if stem_type == 'cifar' else 64
+        if stem_type == 'cifar':
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False, **dd)
+            self.bn1 = norm_layer(stem_width, **dd)
+            self.feature_info = [dict(num_chs=stem_width, reduction=1, module='bn1')]
+            reduction = 1
         else:
-            # The CIFAR stem has no ReLU: every block starts with its own BN.
-            self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, padding=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(stem_chs)
-            stem_module, reduction = 'bn1', 1
-        self.feature_info: List[Dict[str, Any]] = [dict(num_chs=stem_chs, reduction=reduction, module=stem_module)]
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False, **dd)
+            self.bn1 = norm_layer(stem_width, **dd)
+            self.act1 = act_layer(inplace=True)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+            self.feature_info = [dict(num_chs=stem_width, reduction=2, module='act1')]
+            reduction = 4
 
-        # Parameter parity with the reference code depends on accumulating the width as a float
-        # and rounding each block's width with Python's round (ties to even).
+        # Stages
+        block_cls = PyramidBottleneck if bottleneck else PyramidBasicBlock
         total_blocks = sum(layers)
-        add_rate = alpha / total_blocks
-        width, in_chs, block_idx = float(stem_chs), stem_chs, 0
-        for stage_idx, num_blocks in enumerate(layers):
+        block_idx = 0
+        in_chs = stem_width
+        for stage_idx, stage_planes in enumerate(pyramid_widths(layers, alpha, stem_width)):
             stride = 1 if stage_idx == 0 else 2
             reduction *= stride
             blocks = []
-            for i in range(num_blocks):
-                width += add_rate
+            for i, planes in enumerate(stage_planes):
                 block_idx += 1
-                planes = int(round(width))
-                blocks.append(block(in_chs, planes, stride if i == 0 else 1, shakedrop_prob * block_idx / total_blocks))
-                in_chs = planes * block.expansion
-            self.add_module(f'layer{stage_idx + 1}', nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f'layer{stage_idx + 1}'))
-        self.num_stages = len(layers)
-        self.bn_final = nn.BatchNorm2d(in_chs)
-        self.act_final = nn.ReLU(inplace=True)
-        # The last feature map is the one after the final BN-ReLU, as timm's pre-activation ResNetV2 does.
-        self.feature_info[-1]['module'] = 'act_final'
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights()
+                blocks.append(block_cls(
+                    in_chs,
+                    planes,
+                    stride=stride if i == 0 else 1,
+                    shakedrop_prob=shakedrop_prob * block_idx / total_blocks,
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                    **dd,
+                ))
+                in_chs = planes * block_cls.expansion
+            stage_name = f'layer{stage_idx + 1}'
+            self.add_module(stage_name, nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=stage_name))
 
-    def _init_weights(self) -> None:
+        # Head (blocks end without an activation, so the head normalizes and activates first)
+        self.num_features = in_chs
+        self.bn_final = norm_layer(in_chs, **dd)
+        self.act_final = act_layer(inplace=True)
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+        self.init_weights()
+
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        """He-normal (fan_out) convolutions, unit BN, zero classifier bias."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            elif isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+    def _stages(self) -> List[nn.Sequential]:
+        return [getattr(self, f'layer{i + 1}') for i in range(self.num_stages)]
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Regexes grouping parameters (and top-level modules) into stem, blocks and head."""
+        stem = r'^(?:conv1|bn1)(?:\.|$)' if self.stem_type == 'cifar' else r'^(?:conv1|bn1|act1|maxpool)(?:\.|$)'
         return dict(
-            stem=r'^conv1|bn1|act1|maxpool',
-            blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)',
+            stem=stem,
+            blocks=[(r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)', None), (r'^bn_final', (99999,))],
         )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every residual block in training forward passes."""
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'fc' if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier (``num_classes=0`` for pre-logits); keeps the pooling when ``global_pool`` is None."""
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv1(x))
-        if self.imagenet_stem:
+        if self.stem_type == 'imagenet':
             x = self.maxpool(self.act1(x))
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, stages and the final BN-ReLU: the unpooled features (``num_features`` channels)."""
         x = self.forward_stem(x)
-        for i in range(1, self.num_stages + 1):
-            stage = getattr(self, f'layer{i}')
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self._stages(), x, flatten=True)
+        else:
+            for stage in self._stages():
                 x = stage(x)
         return self.act_final(self.bn_final(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
         if self.drop_rate:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,94 +357,125 @@ class PyramidNet(nn.Module):
 
 
 def _create_pyramidnet(variant: str, pretrained: bool = False, **kwargs) -> PyramidNet:
-    out_indices = tuple(range(len(kwargs['layers']) + 1))  # the stem and every stage
-    return build_model_with_cfg(PyramidNet, variant, pretrained,
-                                feature_cfg=dict(out_indices=out_indices), **kwargs)
-
-
-def _cifar_cfg(**kwargs) -> Dict[str, Any]:
-    return dict(
-        url='', num_classes=100, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0, interpolation='bilinear',
-        mean=CIFAR100_MEAN, std=CIFAR100_STD, first_conv='conv1', classifier='fc', license='apache-2.0', **kwargs)
-
-
-def _imagenet_cfg(**kwargs) -> Dict[str, Any]:
-    return dict(
-        url='', num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-        interpolation='bilinear', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv='conv1',
-        classifier='fc', license='apache-2.0', **kwargs)
-
-
-default_cfgs = generate_default_cfgs({
-    'pyramidnet110_a48': _cifar_cfg(),
-    'pyramidnet110_a270': _cifar_cfg(),
-    'pyramidnet164_a270': _cifar_cfg(),
-    'pyramidnet200_a240': _cifar_cfg(),
-    'pyramidnet200': _cifar_cfg(),
-    'pyramidnet236_a220': _cifar_cfg(),
-    'pyramidnet272_a200': _cifar_cfg(),
-    'pyramidnet101_a360': _imagenet_cfg(),
-    'pyramidnet200_a300': _imagenet_cfg(),
-})
+    num_stages = len(kwargs.get('layers', (18, 18, 18)))
+    return build_model_with_cfg(
+        PyramidNet,
+        variant,
+        pretrained,
+        # one map per stage plus the stem; the CIFAR models have one stage fewer than timm's default 5
+        feature_cfg=dict(out_indices=tuple(range(num_stages + 1))),
+        **kwargs,
+    )
 
 
 def _cifar_args(depth: int, alpha: float, bottleneck: bool) -> Dict[str, Any]:
-    """CIFAR PyramidNet of ``depth`` layers: 3 stages of (depth - 2) / 9 bottleneck or / 6 basic blocks."""
-    n = (depth - 2) // (9 if bottleneck else 6)
-    return dict(layers=(n, n, n), alpha=alpha, bottleneck=bottleneck)
+    # depth counts the stem conv, the fc and 3 (bottleneck) or 2 (basic) convs per block over 3 stages
+    per_block = 9 if bottleneck else 6
+    if (depth - 2) % per_block:
+        raise ValueError(f'PyramidNet depth {depth} does not fit {"bottleneck" if bottleneck else "basic"} blocks')
+    n = (depth - 2) // per_block
+    return dict(layers=(n, n, n), alpha=alpha, bottleneck=bottleneck, stem_type='cifar')
+
+
+def _imagenet_args(layers: Tuple[int, ...], alpha: float) -> Dict[str, Any]:
+    return dict(layers=layers, alpha=alpha, bottleneck=True, stem_type='imagenet')
+
+
+def _cfg_cifar(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
+        'crop_pct': 1.0, 'interpolation': 'bilinear',
+        'mean': CIFAR100_MEAN, 'std': CIFAR100_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'paper_ids': 'arXiv:1610.02915',
+        **kwargs,
+    }
+
+
+def _cfg_imagenet(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'paper_ids': 'arXiv:1610.02915',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'pyramidnet110_a48': _cfg_cifar(),
+    'pyramidnet110_a270': _cfg_cifar(),
+    'pyramidnet164_a270': _cfg_cifar(),
+    'pyramidnet200_a240': _cfg_cifar(),
+    'pyramidnet200': _cfg_cifar(),
+    'pyramidnet236_a220': _cfg_cifar(),
+    'pyramidnet272_a200': _cfg_cifar(),
+    'pyramidnet101_a360': _cfg_imagenet(),
+    'pyramidnet200_a300': _cfg_imagenet(),
+})
 
 
 @register_model
 def pyramidnet110_a48(pretrained: bool = False, **kwargs) -> PyramidNet:
-    """PyramidNet-110 (α = 48), basic blocks, CIFAR."""
-    return _create_pyramidnet('pyramidnet110_a48', pretrained, **dict(_cifar_args(110, 48, False), **kwargs))
+    """PyramidNet-110 (basic blocks), alpha=48, CIFAR."""
+    model_args = _cifar_args(depth=110, alpha=48, bottleneck=False)
+    return _create_pyramidnet('pyramidnet110_a48', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pyramidnet110_a270(pretrained: bool = False, **kwargs) -> PyramidNet:
-    """PyramidNet-110 (α = 270), basic blocks, CIFAR."""
-    return _create_pyramidnet('pyramidnet110_a270', pretrained, **dict(_cifar_args(110, 270, False), **kwargs))
+    """PyramidNet-110 (basic blocks), alpha=270, CIFAR."""
+    model_args = _cifar_args(depth=110, alpha=270, bottleneck=False)
+    return _create_pyramidnet('pyramidnet110_a270', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pyramidnet164_a270(pretrained: bool = False, **kwargs) -> PyramidNet:
-    """PyramidNet-164 (α = 270), bottleneck blocks, CIFAR."""
-    return _create_pyramidnet('pyramidnet164_a270', pretrained, **dict(_cifar_args(164, 270, True), **kwargs))
+    """PyramidNet-164 (bottleneck), alpha=270, CIFAR."""
+    model_args = _cifar_args(depth=164, alpha=270, bottleneck=True)
+    return _create_pyramidnet('pyramidnet164_a270', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pyramidnet200_a240(pretrained: bool = False, **kwargs) -> PyramidNet:
-    """PyramidNet-200 (α = 240), bottleneck blocks, CIFAR: the MoEx and CutMix papers' model."""
-    return _create_pyramidnet('pyramidnet200_a240', pretrained, **dict(_cifar_args(200, 240, True), **kwargs))
+    """PyramidNet-200 (bottleneck), alpha=240, CIFAR."""
+    model_args = _cifar_args(depth=200, alpha=240, bottleneck=True)
+    return _create_pyramidnet('pyramidnet200_a240', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pyramidnet200(pretrained: bool = False, **kwargs) -> PyramidNet:
-    """PyramidNet-200, the short name of pyramidnet200_a240."""
-    return _create_pyramidnet('pyramidnet200', pretrained, **dict(_cifar_args(200, 240, True), **kwargs))
+    """PyramidNet-200 (bottleneck), alpha=240, CIFAR: short name of ``pyramidnet200_a240``."""
+    model_args = _cifar_args(depth=200, alpha=240, bottleneck=True)
+    return _create_pyramidnet('pyramidnet200', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pyramidnet236_a220(pretrained: bool = False, **kwargs) -> PyramidNet:
-    """PyramidNet-236 (α = 220), bottleneck blocks, CIFAR."""
-    return _create_pyramidnet('pyramidnet236_a220', pretrained, **dict(_cifar_args(236, 220, True), **kwargs))
+    """PyramidNet-236 (bottleneck), alpha=220, CIFAR."""
+    model_args = _cifar_args(depth=236, alpha=220, bottleneck=True)
+    return _create_pyramidnet('pyramidnet236_a220', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pyramidnet272_a200(pretrained: bool = False, **kwargs) -> PyramidNet:
-    """PyramidNet-272 (α = 200), bottleneck blocks, CIFAR."""
-    return _create_pyramidnet('pyramidnet272_a200', pretrained, **dict(_cifar_args(272, 200, True), **kwargs))
+    """PyramidNet-272 (bottleneck), alpha=200, CIFAR."""
+    model_args = _cifar_args(depth=272, alpha=200, bottleneck=True)
+    return _create_pyramidnet('pyramidnet272_a200', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pyramidnet101_a360(pretrained: bool = False, **kwargs) -> PyramidNet:
-    """PyramidNet-101 (α = 360), bottleneck blocks, ImageNet."""
-    args = dict(layers=(3, 4, 23, 3), alpha=360, bottleneck=True, imagenet_stem=True)
-    return _create_pyramidnet('pyramidnet101_a360', pretrained, **dict(args, **kwargs))
+    """PyramidNet-101 (bottleneck), alpha=360, ImageNet."""
+    model_args = _imagenet_args(layers=(3, 4, 23, 3), alpha=360)
+    return _create_pyramidnet('pyramidnet101_a360', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pyramidnet200_a300(pretrained: bool = False, **kwargs) -> PyramidNet:
-    """PyramidNet-200 (α = 300), bottleneck blocks, ImageNet."""
-    args = dict(layers=(3, 24, 36, 3), alpha=300, bottleneck=True, imagenet_stem=True)
-    return _create_pyramidnet('pyramidnet200_a300', pretrained, **dict(args, **kwargs))
+    """PyramidNet-200 (bottleneck), alpha=300, ImageNet."""
+    model_args = _imagenet_args(layers=(3, 24, 36, 3), alpha=300)
+    return _create_pyramidnet('pyramidnet200_a300', pretrained, **dict(model_args, **kwargs))
