@@ -1,0 +1,50 @@
+"""Fixtures of the training-script tests: a tiny generated ImageFolder and a run helper."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # train_moex.py lives at the project root
+
+
+def make_image_folder(root: Path, classes=('a', 'b'), train_per_class=16, test_per_class=9, size=32, seed=0):
+    """train/<class>/*.png and test/<class>/*.png; class k is brighter in channel k, so it is learnable."""
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', train_per_class), ('test', test_per_class)):
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 128, (size, size, 3), dtype=np.uint8)
+                img[..., k % 3] += 100
+                Image.fromarray(img).save(folder / f'{i:03d}.png')
+    return root
+
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('imagefolder'))
+
+
+@pytest.fixture
+def run_args(image_folder, tmp_path):
+    """Command-line arguments of a 2-epoch run of a tiny model on the generated folder."""
+    def args(*extra, out=None):
+        out = out or tmp_path / 'run'
+        return ['--dataset', 'imagefolder', '--data-dir', str(image_folder), '--model', 'resnet10t',
+                '--epochs', '2', '--batch-size', '8', '--workers', '0', '--lr', '0.05', '--seed', '0',
+                '--output-dir', str(out), '--progress', 'false', *extra]
+    return args
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """train_moex.main runs in-process several times: give each run a fresh Accelerate state."""
+    from accelerate.state import AcceleratorState, GradientState
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -1,0 +1,387 @@
+"""train_moex.py end to end on CPU: two-epoch runs on a tiny generated ImageFolder."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from timm.data import Mixup
+
+import train_moex
+from timm_moex import MoExClassificationTask, attach_moex
+from timm_moex.config import ConfigError
+
+from conftest import ROOT, make_image_folder
+
+
+def read_summary(out):
+    with open(out / 'summary.csv', newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def check_run(out, epochs=2, ema=False, num_classes=2):
+    rows = read_summary(out)
+    assert [int(r['epoch']) for r in rows] == list(range(1, epochs + 1))
+    for key in ('train_loss', 'eval_loss', 'eval_top1_err', 'eval_top5_err', 'lr', 'train_epoch_time',
+                'train_img_per_sec'):
+        assert key in rows[0], key
+        for r in rows:
+            assert torch.isfinite(torch.tensor(float(r[key]))), (key, r[key])
+    for r in rows:
+        assert 0 <= float(r['eval_top1_err']) <= 100
+        assert int(r['eval_count']) == 18  # the whole eval set, once
+    results = json.loads((out / 'results.json').read_text())
+    assert results['last']['epoch'] == epochs and 1 <= results['best']['epoch'] <= epochs
+    assert results['best']['top1_err'] <= results['last']['top1_err']
+    assert float(rows[-1]['eval_top1_err']) == pytest.approx(results['last']['top1_err'])
+    assert float(rows[-1]['train_loss']) == pytest.approx(results['last']['train_loss'])
+    assert {'top1_err', 'top5_err', 'loss', 'ece', 'train_loss'} <= set(results['best'])
+    assert sorted(p.name for p in out.glob('checkpoint-*')) == [f'checkpoint-{e}' for e in range(max(1, epochs - 1),
+                                                                                                    epochs + 1)]
+    assert not list(out.glob('.*tmp'))
+    assert (out / 'config.yaml').exists()
+    model = timm.create_model('resnet10t', num_classes=num_classes)
+    model.load_state_dict(load_file(str(out / 'model.safetensors')))  # plain timm keys, strict
+    if ema:
+        ema_model = timm.create_model('resnet10t', num_classes=num_classes, pretrained=True,
+                                      pretrained_cfg_overlay=dict(file=str(out / 'model_ema.safetensors')))
+        assert 'ema_top1_err' in results['last']
+        assert not torch.equal(ema_model.conv1[0].weight, model.conv1[0].weight)
+    return rows, results
+
+
+VARIANTS = {
+    'baseline': [],
+    'moex': ['--moex', '--moex-prob', '1.0'],
+    'cutmix_moex': ['--moex', '--moex-prob', '0.5', '--moex-lam', '0.9', '--cutmix', '1.0', '--mixup-prob', '0.5'],
+    'mixup_moex': ['--moex', '--moex-prob', '1.0', '--mixup', '0.2'],
+    'label_smoothing': ['--smoothing', '0.1', '--moex'],
+    'ema': ['--model-ema', '--model-ema-decay', '0.9', '--moex'],
+    'grad_accum_2': ['--grad-accum-steps', '2', '--moex'],
+    'bf16': ['--mixed-precision', 'bf16', '--moex', '--moex-prob', '1.0'],
+    'channels_last_autoaugment_cutout': ['--channels-last', '--moex', '--auto-augment', 'cifar10', '--cutout', '8',
+                                         '--aug-recipe', 'cifar'],
+    'device_loader_cutmix_moex': ['--loader', 'device', '--img-size', '32', '--channels-last', '--cutout', '8',
+                                  '--moex', '--moex-prob', '1.0', '--cutmix', '1.0'],
+}
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_two_epoch_runs(variant, run_args, tmp_path):
+    out = tmp_path / variant
+    results = train_moex.main(run_args(*VARIANTS[variant], out=out))
+    rows, saved = check_run(out, ema=variant == 'ema')
+    assert results == saved
+    moex_frac = [float(r['train_moex_frac']) for r in rows]
+    if variant == 'baseline':
+        assert moex_frac == [0.0, 0.0]
+    elif '1.0' in VARIANTS[variant][VARIANTS[variant].index('--moex'):][:3]:  # --moex --moex-prob 1.0
+        assert moex_frac == [1.0, 1.0]
+    if variant == 'bf16':
+        assert saved['mixed_precision'] == 'bf16'
+
+
+def test_grad_accum_counts_updates(run_args, tmp_path):
+    """32 images, batch 8, 2 accumulation steps: 2 updates per epoch, seen by the step scheduler."""
+    out = tmp_path / 'accum'
+    train_moex.main(run_args('--grad-accum-steps', '2', '--sched', 'step', '--decay-epochs', '1',
+                             '--decay-rate', '0.5', out=out))
+    state = torch.load(out / 'checkpoint-2' / 'custom_checkpoint_0.pkl', weights_only=False)
+    assert state['num_updates'] == 4
+    lrs = [float(r['lr']) for r in read_summary(out)]
+    assert lrs == pytest.approx([0.025, 0.0125])
+
+
+def test_resume_gives_the_uninterrupted_metrics(run_args, tmp_path):
+    """A run killed after epoch 2 and resumed reproduces epoch 3 of the uninterrupted run exactly."""
+    common = ['--moex', '--moex-prob', '0.5', '--cutmix', '1.0', '--mixup-prob', '0.5', '--model-ema',
+              '--model-ema-decay', '0.9', '--sched', 'step', '--decay-epochs', '1', '--decay-rate', '0.5',
+              '--auto-augment', 'rand-m5-mstd0.5', '--reprob', '0.25']
+    full, part = tmp_path / 'full', tmp_path / 'part'
+    train_moex.main(run_args(*common, '--epochs', '3', out=full))
+    train_moex.main(run_args(*common, '--epochs', '2', out=part))  # "killed" after epoch 2
+    (part / 'results.json').unlink()
+    (part / 'model.safetensors').unlink()
+    train_moex.main(run_args(*common, '--epochs', '3', '--resume', 'auto', out=part))
+    full_rows, part_rows = read_summary(full), read_summary(part)
+    assert [r['epoch'] for r in part_rows] == ['1', '2', '3']
+    for key in full_rows[2]:
+        if key not in ('train_epoch_time', 'train_img_per_sec'):
+            assert float(part_rows[2][key]) == pytest.approx(float(full_rows[2][key]), rel=1e-6, abs=1e-9), key
+    full_w, part_w = load_file(str(full / 'model.safetensors')), load_file(str(part / 'model.safetensors'))
+    for k in full_w:
+        torch.testing.assert_close(part_w[k], full_w[k], rtol=1e-5, atol=1e-6)
+
+
+def test_new_run_refuses_a_used_output_dir(run_args, tmp_path):
+    out = tmp_path / 'used'
+    train_moex.main(run_args('--epochs', '1', out=out))
+    with pytest.raises(ConfigError, match='--resume auto'):
+        train_moex.main(run_args('--epochs', '1', out=out))
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(run_args, tmp_path, monkeypatch):
+    out = tmp_path / 'crash'
+    from timm_moex import checkpoint
+    real_save = checkpoint.save_file
+
+    def failing_save(state, path, *a, **kw):
+        if 'checkpoint-2' in path:
+            raise OSError('disk full (simulated)')
+        return real_save(state, path, *a, **kw)
+
+    monkeypatch.setattr(checkpoint, 'save_file', failing_save)
+    with pytest.raises(OSError, match='simulated'):
+        train_moex.main(run_args('--model-ema', out=out))
+    assert [p.name for p in out.glob('checkpoint-*')] == ['checkpoint-1']
+    assert (out / 'checkpoint-1' / 'model.safetensors').exists()
+    monkeypatch.setattr(checkpoint, 'save_file', real_save)
+    assert list(out.glob('.checkpoint-2.tmp'))  # the half-written one
+    # cleans the .tmp, redoes epoch 2
+    train_moex.main(run_args('--model-ema', '--resume', str(out / 'checkpoint-1'), out=out))
+    check_run(out, ema=True)
+
+
+def test_eval_only_matches_the_last_epoch(run_args, tmp_path):
+    out = tmp_path / 'evalrun'
+    results = train_moex.main(run_args(out=out))
+    metrics = train_moex.main(run_args('--eval-only', '--checkpoint', str(out / 'checkpoint-2'),
+                                       out=tmp_path / 'evalonly'))
+    assert set(metrics) >= {'top1_err', 'top5_err', 'nll', 'ece'}
+    assert metrics['top1_err'] == pytest.approx(results['last']['top1_err'])
+    assert metrics['nll'] == pytest.approx(results['last']['loss'], rel=1e-5)
+    again = train_moex.main(run_args('--eval-only', '--checkpoint', str(out / 'model.safetensors'),
+                                     out=tmp_path / 'evalonly2'))
+    assert again['top1_err'] == pytest.approx(metrics['top1_err'])
+    assert json.loads((tmp_path / 'evalonly' / 'eval.json').read_text())['ece'] == pytest.approx(metrics['ece'])
+
+
+def test_corrupt_image_names_its_path(tmp_path):
+    data = make_image_folder(tmp_path / 'data', train_per_class=4, test_per_class=2)
+    bad = data / 'train' / 'a' / 'broken.png'
+    bad.write_bytes(b'\x89PNG\r\n\x1a\n not really a png')
+    args = ['--dataset', 'imagefolder', '--data-dir', str(data), '--model', 'resnet10t', '--epochs', '1',
+            '--batch-size', '4', '--workers', '0', '--output-dir', str(tmp_path / 'out'), '--progress', 'false']
+    with pytest.raises(RuntimeError, match='broken.png'):
+        train_moex.main(args)
+
+
+def _cutmix_moex_batch(mix_kwargs, lam):
+    torch.manual_seed(0)
+    model = timm.create_model('resnet10t', num_classes=4)
+    attach_moex(model)
+    task = MoExClassificationTask(model, prob=1.0, lam=lam, pairing='flip', criterion_kwargs=dict(soft_targets=True),
+                                  verbose=False)
+    x = torch.randn(6, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])  # y[i] != y[5 - i]: the mixing weight can be read from t
+    x, t = Mixup(label_smoothing=0.0, num_classes=4, **mix_kwargs)(x, y)
+    mix_lam = t[0, y[0]].item()
+    result = task(x, t)
+    return result, y, mix_lam
+
+
+@pytest.mark.parametrize('mix_kwargs', [dict(mixup_alpha=0.0, cutmix_alpha=1.0), dict(mixup_alpha=1.0)])
+def test_mixing_plus_moex_is_the_three_term_loss(mix_kwargs):
+    """CutMix (or Mixup) + MoEx share the pairing; the loss is the official three-term formula."""
+    lam = 0.7
+    result, y, cm = _cutmix_moex_batch(mix_kwargs, lam)
+    perm = result['perm']
+    assert result['moex'] and perm.tolist() == [5, 4, 3, 2, 1, 0]  # timm Mixup's pairing
+    a, b = y, y[perm]
+    c = b[perm]
+    out = result['output']
+    ce = lambda target: F.cross_entropy(out, target)  # noqa: E731
+    by_hand = ce(a) * cm * lam + ce(b) * ((1 - cm) * lam + cm * (1 - lam)) + ce(c) * (1 - cm) * (1 - lam)
+    torch.testing.assert_close(result['loss'], by_hand)
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='gloo DDP on CPU tested on Linux')
+def test_two_process_ddp_writes_one_set_of_outputs(image_folder, tmp_path):
+    out = tmp_path / 'ddp'
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0',
+           str(ROOT / 'train_moex.py'),
+           '--dataset', 'imagefolder', '--data-dir', str(image_folder), '--model', 'resnet10t', '--epochs', '2',
+           '--batch-size', '4', '--workers', '0', '--lr', '0.05', '--output-dir', str(out), '--progress', 'false',
+           '--moex', '--moex-prob', '1.0', '--cutmix', '1.0']
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows, results = check_run(out)
+    assert results['num_processes'] == 2
+    assert sorted(p.name for p in (out / 'checkpoint-2').glob('random_states_*')) == \
+        ['random_states_0.pkl', 'random_states_1.pkl']
+    assert proc.stdout.count('last epoch 2:') == 1  # one process reports
+    # The checkpoint of the DDP model (keys with 'module.') evaluates in one process like the run did.
+    metrics = train_moex.main(['--dataset', 'imagefolder', '--data-dir', str(image_folder), '--model', 'resnet10t',
+                               '--workers', '0', '--output-dir', str(tmp_path / 'eval'), '--progress', 'false',
+                               '--eval-only', '--checkpoint', str(out / 'checkpoint-2')])
+    assert metrics['top1_err'] == pytest.approx(results['last']['top1_err'])
+    assert metrics['count'] == 18
+
+
+# ---- parts of the script ----
+
+def test_digits_split_is_fixed_and_real():
+    from timm_moex.data import DigitsDataset
+    train, test = DigitsDataset(True), DigitsDataset(False)
+    assert (len(train), len(test)) == (1437, 360)
+    img, label = train[0]
+    assert img.size == (32, 32) and img.mode == 'RGB' and 0 <= label < 10
+    assert DigitsDataset(True).targets == train.targets  # same split every time
+
+
+def test_cifar_recipe_transforms(tmp_path):
+    from timm_moex.config import load_config
+    from timm_moex.data import Cutout, create_transforms
+    cfg = load_config(['--dataset', 'digits', '--auto-augment', 'cifar10', '--cutout', '8', '--reprob', '0.5'],
+                      check_paths=False)
+    train_tf, eval_tf = create_transforms(cfg)
+    names = [type(t).__name__ for t in train_tf.transforms]
+    assert names == ['RandomCrop', 'RandomHorizontalFlip', 'AutoAugment', 'ToTensor', 'Normalize', 'Cutout',
+                     'RandomErasing']
+    assert [type(t).__name__ for t in eval_tf.transforms] == ['ToTensor', 'Normalize']
+    img = torch.ones(3, 32, 32)
+    torch.manual_seed(0)
+    cut = Cutout(8)(img)
+    holes = (cut == 0).all(0)
+    assert 16 <= holes.sum() <= 64 and img.eq(1).all()  # a square of side <= 8, clipped at the border
+    rows, cols = holes.any(1).nonzero(), holes.any(0).nonzero()
+    assert holes.sum() == len(rows) * len(cols)
+
+
+def test_imagenet_recipe_uses_timm_create_transform():
+    from timm_moex.config import load_config
+    from timm_moex.data import create_transforms
+    cfg = load_config(['--dataset', 'imagefolder', '--img-size', '64', '--aug-recipe', 'imagenet',
+                       '--auto-augment', 'rand-m9-mstd0.5', '--reprob', '0.25'], check_paths=False)
+    train_tf, eval_tf = create_transforms(cfg)
+    names = [type(t).__name__ for t in train_tf.transforms]
+    assert 'RandomResizedCropAndInterpolation' in names and 'RandAugment' in names and 'RandomErasing' in names
+    x = train_tf(__import__('PIL.Image', fromlist=['Image']).new('RGB', (80, 90)))
+    assert x.shape == (3, 64, 64)
+
+
+def test_metrics_by_hand():
+    from timm_moex.metrics import ClassificationMeter
+    logits = torch.tensor([[4.0, 1.0, 0.5, 0.4, 0.3, 0.2],    # top-1 hit
+                           [0.9, 3.0, 0.5, 0.4, 0.3, 0.2],    # rank 2: top-5 hit
+                           [0.1, 0.2, 0.3, 0.4, 0.6, 5.0],    # rank 4: top-5 hit
+                           [1.0, 1.1, 1.2, 1.3, 1.4, 1.5]])   # rank 6: miss
+    target = torch.tensor([0, 0, 2, 0])
+    meter = ClassificationMeter(bins=10)
+    meter.update(logits[:2], target[:2])
+    meter.update(logits[2:], target[2:])
+    m = meter.compute()
+    assert m['count'] == 4
+    assert m['top1_err'] == pytest.approx(75.0)
+    assert m['top5_err'] == pytest.approx(25.0)
+    assert m['loss'] == pytest.approx(F.cross_entropy(logits, target).item())
+    conf = logits.softmax(-1).max(-1).values
+    correct = logits.argmax(-1).eq(target).float()
+    bins = (conf * 10).long().clamp(max=9)
+    ece = sum((conf[bins == b].sum() - correct[bins == b].sum()).abs() for b in bins.unique()) / 4
+    assert m['ece'] == pytest.approx(100 * ece.item())
+
+
+def test_sync_bn_keeps_the_moex_hook():
+    from timm_moex import get_moex_hook
+    from timm_moex.config import load_config
+    cfg = load_config(['--model', 'resnet10t', '--moex', '--sync-bn', '--moex-layer', 'bn1'], check_paths=False)
+    model = train_moex.create_model(cfg, num_classes=3)
+    assert isinstance(model.bn1, torch.nn.SyncBatchNorm)
+    hook = get_moex_hook(model)
+    assert hook.layer == 'bn1' and hook.attached and hook._module is model.bn1
+    # A *_moex-style model that arrives with its hook: it is re-attached to the converted module.
+    model = timm.create_model('resnet10t', num_classes=3)
+    attach_moex(model, layer='bn1', norm='in')
+    cfg = load_config(['--model', 'resnet10t', '--sync-bn', '--moex'], check_paths=False)
+    import unittest.mock as mock
+    with mock.patch.object(timm, 'create_model', return_value=model), pytest.warns(UserWarning, match='ignored'):
+        model = train_moex.create_model(cfg, num_classes=3)
+    hook = get_moex_hook(model)
+    assert hook._module is model.bn1 and hook.norm == 'in' and hook.attached
+
+
+CIFAR10_JPEG = Path(os.environ.get('TIMM_MOEX_CIFAR10_JPEG', ROOT / 'data' / 'cifar10'))
+
+
+@pytest.mark.skipif(not (CIFAR10_JPEG / 'train').is_dir(),
+                    reason=f'the CIFAR-10 JPEG folder is absent ({CIFAR10_JPEG}; set TIMM_MOEX_CIFAR10_JPEG to an '
+                           'unpacked copy of cifar10_jpeg.tar.gz)')
+def test_real_cifar10_jpeg_folder_loads():
+    from timm_moex.config import load_config
+    from timm_moex.data import create_datasets
+    cfg = load_config(['--config', str(ROOT / 'hparams' / 'cifar10_resnet18_cifar_moex.yaml'), '--model', 'resnet18',
+                       '--dataset', 'imagefolder', '--data-dir', str(CIFAR10_JPEG), '--cutout', '16'],
+                      check_paths=False)
+    train_set, eval_set, num_classes = create_datasets(cfg)
+    assert (len(train_set), len(eval_set), num_classes) == (50000, 10000, 10)
+    assert train_set.classes[0] == 'airplane'
+    x, y = train_set[0]
+    assert x.shape == (3, 32, 32) and y == 0
+    assert abs(x.mean().item()) < 2
+
+
+def test_imagenet_layout_through_timm_create_dataset(tmp_path):
+    data = make_image_folder(tmp_path / 'inet', train_per_class=8, test_per_class=3, size=40)
+    (data / 'test').rename(data / 'val')
+    out = tmp_path / 'inet_run'
+    results = train_moex.main(['--dataset', 'imagenet', '--data-dir', str(data), '--model', 'resnet10t',
+                               '--img-size', '32', '--auto-augment', 'rand-m9-mstd0.5', '--reprob', '0.25',
+                               '--epochs', '1', '--batch-size', '8', '--workers', '0', '--moex',
+                               '--output-dir', str(out), '--progress', 'false'])
+    assert results['last']['count'] == 6
+    from timm_moex.data import FileListDataset, create_datasets
+    from timm_moex.config import load_config
+    train_set, eval_set, n = create_datasets(load_config(['--dataset', 'imagenet', '--data-dir', str(data)],
+                                                         check_paths=False))
+    assert isinstance(train_set, FileListDataset) and (len(train_set), len(eval_set), n) == (16, 6, 2)
+    assert train_set[0][0].shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize('model', ['pyramidnet110_a48_moex', 'resnet18_cifar'])
+def test_package_models_with_a_cifar_recipe(model, image_folder, tmp_path):
+    """A paper recipe with this package's models (a *_moex variant brings its own hook)."""
+    from timm_moex.config import register_models
+    register_models()
+    if not timm.is_model(model):
+        pytest.skip(f'{model} is not registered with timm (timm_moex.models)')
+    out = tmp_path / model
+    results = train_moex.main(['--config', str(ROOT / 'hparams' / 'cifar10_pyramidnet110_a48_moex.yaml'),
+                               '--model', model, '--dataset', 'imagefolder', '--data-dir', str(image_folder),
+                               '--epochs', '1', '--batch-size', '8', '--workers', '0', '--moex-prob', '1.0',
+                               '--output-dir', str(out), '--progress', 'false'])
+    assert results['last']['epoch'] == 1
+    base = model.removesuffix('_moex')
+    timm.create_model(base, num_classes=2, pretrained=True,
+                      pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors')))
+
+
+def test_sigkill_then_resume_auto(run_args, tmp_path):
+    """A real kill (SIGKILL) once checkpoint-2 exists; --resume auto ends with the uninterrupted run's metrics."""
+    import signal
+    import time
+    common = ['--moex', '--moex-prob', '0.5', '--batch-size', '4', '--sched', 'step', '--decay-epochs', '1',
+              '--epochs', '3']
+    full, killed = tmp_path / 'full', tmp_path / 'killed'
+    train_moex.main(run_args(*common, out=full))
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'train_moex.py'), *run_args(*common, out=killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / 'checkpoint-2').exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / 'checkpoint-2').exists()
+    train_moex.main(run_args(*common, '--resume', 'auto', out=killed))
+    full_rows, killed_rows = read_summary(full), read_summary(killed)
+    assert [r['epoch'] for r in killed_rows] == ['1', '2', '3']
+    for key in ('train_loss', 'eval_loss', 'eval_top1_err', 'eval_ece', 'lr'):
+        assert float(killed_rows[2][key]) == pytest.approx(float(full_rows[2][key]), rel=1e-6, abs=1e-9), key

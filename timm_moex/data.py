@@ -1,0 +1,299 @@
+"""Datasets, transforms, loaders and batch mixing for train_moex.py.
+
+Datasets (``cfg.dataset``):
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download),
+  upscaled to 32x32 RGB, split once with a fixed seed into 1,437 train / 360 test images.
+- ``cifar10`` / ``cifar100``: torchvision's datasets in ``data_dir`` (``download: true`` fetches them).
+- ``imagefolder``: ``data_dir/train/<class>/*`` and ``data_dir/test/`` (or ``val/``).
+- ``imagenet``: the ImageNet folder layout found by ``timm.data.create_dataset``
+  (``train/`` and ``val/`` or ``validation/``).
+
+Images from files are read strictly: a corrupt file raises an error naming its path (timm's own
+``ImageDataset`` would skip it with a warning).
+
+Train transforms (``cfg.aug_recipe``): ``cifar`` is the CIFAR recipe (RandomCrop with 4-pixel
+zero padding, horizontal flip, optional AutoAugment / RandAugment, normalize, optional Cutout
+and RandomErasing); ``imagenet`` is timm's ``create_transform`` (RandomResizedCrop, flip, color
+jitter, RandAugment / AutoAugment, RandomErasing); ``none`` uses the eval transform.
+"""
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+from .config import ConfigError, TrainConfig
+
+__all__ = ['DATASET_STATS', 'check_data_dir', 'load_image', 'DigitsDataset', 'FileListDataset', 'Cutout',
+           'resolve_data_defaults', 'create_transforms', 'resolve_loader', 'create_datasets', 'create_loaders',
+           'create_mixup']
+
+# (mean, std) of each dataset's images.
+DATASET_STATS = {
+    'digits': ((0.3047,) * 3, (0.3235,) * 3),  # the 1,797 upscaled 32x32 images of DigitsDataset
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    # The PyramidNet / CutMix / MoEx code's values, used there for CIFAR-100.
+    'cifar100': ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
+}
+NUM_CLASSES = {'digits': 10, 'cifar10': 10, 'cifar100': 100}
+_CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
+_EVAL_SPLITS = ('test', 'val', 'validation')
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the data is
+def _eval_folder(root: str) -> Optional[str]:
+    for split in _EVAL_SPLITS:
+        if os.path.isdir(os.path.join(root, split)):
+            return os.path.join(root, split)
+    return None
+
+
+def check_data_dir(cfg: TrainConfig) -> None:
+    """Raise ConfigError if ``cfg.dataset`` cannot be found under ``cfg.data_dir``."""
+    root = cfg.data_dir
+    if cfg.dataset in _CIFAR_FOLDERS:
+        folder = os.path.join(root, _CIFAR_FOLDERS[cfg.dataset])
+        if not cfg.download and not os.path.isdir(folder):
+            raise ConfigError(
+                f'data_dir: no {cfg.dataset} files in {os.path.abspath(folder)!r}; set download: true '
+                f'(--download) to let torchvision fetch them into data_dir={root!r} (needs internet), or point '
+                f'--data-dir at the folder that holds {_CIFAR_FOLDERS[cfg.dataset]}/')
+    elif cfg.dataset in ('imagefolder', 'imagenet'):
+        if not os.path.isdir(os.path.join(root, 'train')) or _eval_folder(root) is None:
+            raise ConfigError(
+                f'data_dir: {os.path.abspath(root)!r} must hold train/ and one of {"/, ".join(_EVAL_SPLITS)}/ '
+                f'(one sub-folder per class) for dataset={cfg.dataset!r}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+def load_image(path: str) -> Image.Image:
+    """An RGB image; a file that cannot be decoded raises an error naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert('RGB')
+    except Exception as e:  # noqa: BLE001  PIL raises several types for broken files
+        raise RuntimeError(f'cannot read image {path!r}: {type(e).__name__}: {e}') from e
+
+
+class FileListDataset(Dataset):
+    """(path, class index) samples read with :func:`load_image`."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], classes: List[str], transform: Optional[Callable] = None):
+        self.samples, self.classes, self.transform = list(samples), list(classes), transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        img = load_image(path)
+        return (self.transform(img) if self.transform else img), target
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 digits as 32x32 RGB PIL images; a fixed split of 1,437 train / 360 test."""
+
+    classes = [str(i) for i in range(10)]
+
+    def __init__(self, train: bool = True, transform: Optional[Callable] = None, size: int = 32, seed: int = 0):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+        digits = load_digits()
+        index = np.arange(len(digits.target))
+        train_idx, test_idx = train_test_split(index, test_size=360, random_state=seed, stratify=digits.target)
+        idx = train_idx if train else test_idx
+        pixels = (digits.images[idx] * (255.0 / 16.0)).round().astype(np.uint8)
+        self.images = [Image.fromarray(p).resize((size, size), Image.BILINEAR).convert('RGB') for p in pixels]
+        self.targets = digits.target[idx].tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = self.images[index]
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+class Cutout:
+    """Zero one ``size`` x ``size`` square, centred at a uniform random pixel and clipped at the
+    border, in a normalized CHW tensor (DeVries & Taylor, 2017; 16 px on CIFAR)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        cy, cx = torch.randint(h, ()).item(), torch.randint(w, ()).item()
+        y0, y1 = max(cy - self.size // 2, 0), min(cy + (self.size + 1) // 2, h)
+        x0, x1 = max(cx - self.size // 2, 0), min(cx + (self.size + 1) // 2, w)
+        img = img.clone()
+        img[..., y0:y1, x0:x1] = 0
+        return img
+
+    def __repr__(self) -> str:
+        return f'Cutout(size={self.size})'
+
+
+def resolve_data_defaults(cfg: TrainConfig) -> Tuple[int, Tuple[float, ...], Tuple[float, ...], str]:
+    """(img_size, mean, std, aug_recipe) with the dataset's defaults filled in."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    small = cfg.dataset in ('digits', 'cifar10', 'cifar100')
+    img_size = cfg.img_size or (32 if small else 224)
+    mean, std = DATASET_STATS.get(cfg.dataset, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    mean, std = tuple(cfg.mean or mean), tuple(cfg.std or std)
+    recipe = cfg.aug_recipe if cfg.aug_recipe != 'auto' else ('cifar' if img_size <= 64 else 'imagenet')
+    return img_size, mean, std, recipe
+
+
+def _policy(name: str, mean: Sequence[float]) -> Callable:
+    """torchvision's CIFAR-10 AutoAugment policy, or a timm policy string (RandAugment, AutoAugment, AugMix)."""
+    if name == 'cifar10':
+        return transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10)
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    hparams = dict(translate_const=10, img_mean=tuple(round(255 * m) for m in mean))
+    if name.startswith('rand'):
+        return rand_augment_transform(name, hparams)
+    if name.startswith('augmix'):
+        return augment_and_mix_transform(name, hparams)
+    return auto_augment_transform(name, hparams)
+
+
+def create_transforms(cfg: TrainConfig) -> Tuple[Callable, Callable]:
+    """(train transform, eval transform)."""
+    from timm.data import create_transform
+    from timm.data.random_erasing import RandomErasing
+    img_size, mean, std, recipe = resolve_data_defaults(cfg)
+    resize = [] if cfg.dataset in ('digits', 'cifar10', 'cifar100') else \
+        [transforms.Resize(img_size), transforms.CenterCrop(img_size)]
+    if recipe == 'imagenet':
+        common = dict(input_size=img_size, interpolation=cfg.interpolation, mean=mean, std=std, crop_pct=cfg.crop_pct)
+        train = create_transform(is_training=True, hflip=cfg.hflip, color_jitter=cfg.color_jitter or 0.0,
+                                 auto_augment=cfg.auto_augment or None, re_prob=cfg.reprob, re_mode=cfg.remode,
+                                 **common)
+        if cfg.cutout:
+            train = transforms.Compose([train, Cutout(cfg.cutout)])
+        return train, create_transform(is_training=False, **common)
+
+    to_tensor = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    eval_tf = transforms.Compose(resize + to_tensor)
+    if recipe == 'none':
+        return eval_tf, eval_tf
+    train = resize + [transforms.RandomCrop(img_size, padding=cfg.crop_padding)]
+    if cfg.hflip > 0:
+        train.append(transforms.RandomHorizontalFlip(cfg.hflip))
+    if cfg.auto_augment:
+        train.append(_policy(cfg.auto_augment, mean))
+    train += to_tensor
+    if cfg.cutout:
+        train.append(Cutout(cfg.cutout))
+    if cfg.reprob > 0:
+        train.append(RandomErasing(cfg.reprob, mode=cfg.remode, device='cpu'))
+    return transforms.Compose(train), eval_tf
+
+
+def resolve_loader(cfg: TrainConfig, device: Optional[torch.device] = None) -> str:
+    """'workers' or 'device': ``loader: auto`` is 'device' on a GPU when the recipe allows it."""
+    if cfg.loader != 'auto':
+        return cfg.loader
+    from .config import device_loader_unsupported
+    on_gpu = device is not None and torch.device(device).type == 'cuda'
+    return 'device' if on_gpu and not device_loader_unsupported(cfg) else 'workers'
+
+
+def _raw_datasets(cfg: TrainConfig):
+    """(train, eval) datasets without transforms, and the class names."""
+    if cfg.dataset == 'digits':
+        return DigitsDataset(True), DigitsDataset(False), DigitsDataset.classes
+    if cfg.dataset in _CIFAR_FOLDERS:
+        cls = datasets.CIFAR10 if cfg.dataset == 'cifar10' else datasets.CIFAR100
+        try:
+            train_set = cls(cfg.data_dir, train=True, download=cfg.download)
+            eval_set = cls(cfg.data_dir, train=False, download=cfg.download)
+        except RuntimeError as e:
+            raise RuntimeError(f'{cfg.dataset} in {os.path.abspath(cfg.data_dir)!r}: {e} '
+                               '(download: true fetches the files)') from e
+        return train_set, eval_set, train_set.classes
+    if cfg.dataset == 'imagefolder':
+        train_set = datasets.ImageFolder(os.path.join(cfg.data_dir, 'train'), loader=load_image)
+        eval_set = datasets.ImageFolder(_eval_folder(cfg.data_dir), loader=load_image)
+        if eval_set.class_to_idx != train_set.class_to_idx:
+            raise RuntimeError(f'{cfg.data_dir!r}: the evaluation folder has other classes than train/: '
+                               f'{sorted(eval_set.class_to_idx)} vs {sorted(train_set.class_to_idx)}')
+        return train_set, eval_set, train_set.classes
+    # imagenet: timm finds the layout (train/ + val/ or validation/, class folders, tar files)
+    from timm.data import create_dataset
+    readers = [create_dataset('', root=cfg.data_dir, split=s).reader for s in ('train', 'validation')]
+    classes = sorted(readers[0].class_to_idx, key=readers[0].class_to_idx.get)
+    return FileListDataset(readers[0].samples, classes), FileListDataset(readers[1].samples, classes), classes
+
+
+def _to_device_dataset(cfg: TrainConfig, raw: Dataset, train: bool, device) -> 'DeviceImageDataset':
+    from .device_data import DeviceImageDataset, stack_images
+    img_size, mean, std, recipe = resolve_data_defaults(cfg)
+    if isinstance(raw, datasets.CIFAR10):  # CIFAR100 too: the arrays are in memory already
+        images = torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous()
+        if images.shape[-1] != img_size:
+            images = stack_images(list(raw.data), img_size)
+        targets = raw.targets
+    elif isinstance(raw, DigitsDataset):
+        images, targets = stack_images(raw.images, img_size), raw.targets
+    else:  # files: ImageFolder
+        images = stack_images([path for path, _ in raw.samples], img_size, workers=cfg.workers)
+        targets = [t for _, t in raw.samples]
+    augment = train and recipe == 'cifar'
+    return DeviceImageDataset(images, torch.as_tensor(targets), mean, std, train=augment, padding=cfg.crop_padding,
+                              hflip=cfg.hflip, cutout=cfg.cutout, device=device, classes=raw.classes,
+                              channels_last=cfg.channels_last)
+
+
+def create_datasets(cfg: TrainConfig, device: Optional[torch.device] = None) -> Tuple[Dataset, Dataset, int]:
+    """(train set, eval set, number of classes); with the device loader (:func:`resolve_loader`),
+    :class:`~timm_moex.device_data.DeviceImageDataset` s on ``device``."""
+    train_set, eval_set, classes = _raw_datasets(cfg)
+    if resolve_loader(cfg, device) == 'device':
+        train_set = _to_device_dataset(cfg, train_set, True, device)
+        eval_set = _to_device_dataset(cfg, eval_set, False, device)
+    else:
+        train_set.transform, eval_set.transform = create_transforms(cfg)
+    num_classes = cfg.num_classes or len(classes)
+    return train_set, eval_set, num_classes
+
+
+def create_loaders(cfg: TrainConfig, train_set: Dataset, eval_set: Dataset) -> Tuple[DataLoader, DataLoader]:
+    """Per-process loaders; the train loader drops its last incomplete batch (Mixup needs even batches).
+
+    A :class:`~timm_moex.device_data.DeviceImageDataset` is read in the main process, a batch per call.
+    """
+    from .device_data import DeviceImageDataset, batch_collate
+    if isinstance(train_set, DeviceImageDataset):
+        common = dict(num_workers=0, collate_fn=batch_collate)
+    else:
+        common = dict(num_workers=cfg.workers, pin_memory=cfg.pin_memory, persistent_workers=cfg.workers > 0)
+    train = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, **common)
+    evaluation = DataLoader(eval_set, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, shuffle=False, **common)
+    if len(train) == 0 and not cfg.eval_only:
+        raise ValueError(f'batch_size: {cfg.batch_size} is larger than the {len(train_set)} training images')
+    return train, evaluation
+
+
+def create_mixup(cfg: TrainConfig, num_classes: int):
+    """timm's Mixup/CutMix (soft targets, label smoothing included), or None when both are off.
+
+    timm pairs sample i with sample B-1-i (``x.flip(0)``) and returns soft targets
+    ``lam * y_i + (1 - lam) * y_{B-1-i}`` (smoothed).
+    """
+    if not cfg.mixing:
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                 switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                 num_classes=num_classes)
