@@ -52,8 +52,11 @@ def interleaved(arms: Dict[str, Callable[[], None]], device: torch.device, repea
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_op(shape, dtype: torch.dtype, device: torch.device, repeats: int) -> None:
-    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+def bench_op(shape, dtype: torch.dtype, device: torch.device, repeats: int, channels_last: bool = False) -> None:
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     perm = torch.randperm(shape[0], device=device)
     grad = torch.randn_like(x)
 
@@ -67,7 +70,7 @@ def bench_op(shape, dtype: torch.dtype, device: torch.device, repeats: int) -> N
     # Forward reads x, writes out; backward reads x and grad_out, writes grad_in: 5 tensors of x's size
     # at the least, whatever the implementation.
     traffic = 5 * x.numel() * x.element_size()
-    print(f'  op {tuple(shape)} {str(dtype)[6:]}: moment_exchange {t["moex"] * 1e3:.3f} ms, '
+    print(f'  op {tuple(shape)}{" channels_last" if channels_last else ""} {str(dtype)[6:]}: moment_exchange {t["moex"] * 1e3:.3f} ms, '
           f'naive {t["naive"] * 1e3:.3f} ms, naive/moment_exchange = {t["naive"] / t["moex"]:.2f}x, '
           f'moment_exchange at {traffic / t["moex"] / 1e9:.1f} GB/s (fwd+bwd, 5 passes over x)')
 
@@ -120,8 +123,11 @@ def main() -> None:
     print(f'python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}')
 
     print('moment_exchange (PONO), forward + backward:')
-    for shape in [(128, 16, 32, 32), (64, 64, 56, 56)]:
+    shapes = [(128, 16, 32, 32), (64, 64, 56, 56)] + ([(128, 64, 32, 32), (256, 64, 112, 112)] if on_gpu else [])
+    for shape in shapes:
         bench_op(shape, dtype, device, args.repeats)
+        if on_gpu:
+            bench_op(shape, dtype, device, args.repeats, channels_last=True)
 
     print('training step, MoEx armed on every step (prob 1) over no MoEx:')
     bench_step('resnet18', 32, 64, dtype, device, args.repeats, channels_last=False)

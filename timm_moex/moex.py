@@ -124,18 +124,64 @@ def moment_exchange(
             f'norm={norm!r} reduces over {count} element per sample for shape {tuple(x.shape)}: '
             'an unbiased variance needs at least 2')
 
-    stat_dtype = torch.promote_types(x.dtype, torch.float32)
-    xs = xg.to(stat_dtype)
-    var, mean = torch.var_mean(xs, dim=dims, correction=1, keepdim=True)
-    std = (var + eps).sqrt()
-    donor_mean, donor_std = mean[perm], std[perm]
-    if detach:
-        donor_mean, donor_std = donor_mean.detach(), donor_std.detach()
-    scale = donor_std / std
-    shift = donor_mean - mean * scale
-    out = torch.addcmul(shift, xs, scale).to(x.dtype).reshape(x.shape)
+    out = _MomentExchange.apply(xg, perm, tuple(dims), float(eps), bool(detach)).reshape(x.shape)
     # Grouped statistics can lead the broadcast to pick another layout; give back x's own.
     return out.contiguous(memory_format=_memory_format(x))
+
+
+class _MomentExchange(torch.autograd.Function):
+    """``(x - mean) / std * std[perm] + mean[perm]`` with a hand-written backward.
+
+    Autograd through the composed ops would keep float32 copies of x and run a dozen passes
+    over them; here the forward reads x twice (statistics, then one affine that writes x's
+    dtype) and the backward a few times (two sums, two fused multiply-adds), and nothing of x's
+    size is saved but x itself.
+
+    With n = (x - mean) / std over the N elements of a group, the donor's moments (m', s')
+    and g the incoming gradient, the gradient is ``g * a + x * b + c``, where, per group,
+
+        a = s' / s
+        b = (G_s - s' * sum(g n) / s) / ((N - 1) * s)
+        c = G_m / N - s' * sum(g) / (N * s) - mean * b
+
+    and G_m, G_s are sum(g) and sum(g n) of the samples that took their moments from this one
+    (zero with ``detach``): the gradient through the donor's mean and std.
+    """
+
+    @staticmethod
+    def forward(ctx, xg: torch.Tensor, perm: torch.Tensor, dims: Tuple[int, ...], eps: float, detach: bool):
+        with torch.autocast(xg.device.type, enabled=False):
+            var, mean = torch.var_mean(xg.to(torch.promote_types(xg.dtype, torch.float32)), dim=dims, correction=1,
+                                       keepdim=True)
+            std = (var + eps).sqrt()
+            scale = std[perm] / std
+            # Mixed dtypes: computed in float32, written in x's dtype, in one pass.
+            out = torch.addcmul(mean[perm] - mean * scale, xg, scale, out=torch.empty_like(xg))
+        ctx.save_for_backward(xg, perm, mean, std)
+        ctx.dims, ctx.detach = dims, detach
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        xg, perm, mean, std = ctx.saved_tensors
+        dims = ctx.dims
+        count = 1
+        for d in dims:
+            count *= xg.shape[d]
+        with torch.autocast(xg.device.type, enabled=False):
+            xs = xg.to(mean.dtype)
+            g_sum = grad.sum(dims, keepdim=True, dtype=mean.dtype)
+            gn_sum = ((grad * xs).sum(dims, keepdim=True, dtype=mean.dtype) - mean * g_sum) / std
+            donor_std = std[perm]
+            b = -donor_std * gn_sum / std
+            c = -donor_std * g_sum / (count * std)
+            if not ctx.detach:
+                b = b + torch.zeros_like(gn_sum).index_add_(0, perm, gn_sum)
+                c = c + torch.zeros_like(g_sum).index_add_(0, perm, g_sum) / count
+            b = b / ((count - 1) * std)
+            c = c - mean * b
+            dx = torch.addcmul(torch.addcmul(c, xs, b), grad, donor_std / std, out=torch.empty_like(xg))
+        return dx, None, None, None, None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
