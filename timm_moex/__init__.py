@@ -3,10 +3,12 @@
 Importing the package registers its models (the PyramidNet family, CIFAR baselines and the
 ``*_moex`` variants) with timm.
 """
+from .bitempered import BiTemperedLogisticLoss, bi_tempered_logistic_loss, tempered_softmax
 from .hooks import STEM_LAYERS, MoExHook, attach_moex, get_moex_hook, resolve_moex_layer
 from .losses import MoExLoss
 from .models import create_model, is_moex_variant, register_moex_variant
 from .moex import MOEX_NORMS, moment_exchange
+from .snapmix import SnapMixTask, snapmix_boxes, snapmix_weights
 from .tasks import MoExClassificationTask
 
 __version__ = '0.1.0'
@@ -16,4 +18,6 @@ __all__ = [
     'MoExHook', 'attach_moex', 'get_moex_hook', 'resolve_moex_layer', 'STEM_LAYERS',
     'MoExLoss', 'MoExClassificationTask',
     'create_model', 'is_moex_variant', 'register_moex_variant',
+    'BiTemperedLogisticLoss', 'bi_tempered_logistic_loss', 'tempered_softmax',
+    'SnapMixTask', 'snapmix_boxes', 'snapmix_weights',
 ]

@@ -1,0 +1,397 @@
+"""SnapMix, alone or with MoEx in the same step.
+
+Huang, Wang, Tao, "SnapMix: Semantically Proportional Mixing for Augmenting Fine-grained
+Data", AAAI 2021. A box of the partner image ``x[perm[i]]`` is resized into a box of image i
+(the two boxes are drawn independently, each like CutMix's with ``lam ~ Beta(alpha, alpha)``),
+and the labels are weighted by *semantic* mass rather than area: with each image's class
+activation map (CAM) normalized to sum 1,
+
+    w_a[i] = 1 - CAM_i mass inside box_a          (what is left of image i)
+    w_b[i] = CAM_perm[i] mass inside box_b        (what was pasted of the partner)
+    loss   = mean_i  w_a[i] * l(out_i, y_i) + w_b[i] * l(out_i, y_perm[i])
+
+The weights need not sum to 1. Boxes are ``(top, bottom, left, right)`` half-open pixel
+ranges: rows ``top:bottom``, columns ``left:right``.
+"""
+import logging
+import math
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from timm.layers import ClassifierHead, SelectAdaptivePool2d
+from timm.task import ClassificationTask
+
+from .hooks import MoExHook, _unwrap
+from .losses import MoExLoss
+
+__all__ = ['SnapMixTask', 'Box', 'random_box', 'snapmix_boxes', 'class_activation_maps', 'normalize_cams',
+           'snapmix_weights', 'snapmix_paste', 'snapmix_moex_weights', 'cam_classifier', 'per_sample_loss']
+
+_logger = logging.getLogger(__name__)
+
+Box = Tuple[int, int, int, int]
+"""(top, bottom, left, right): rows top:bottom and columns left:right of an image."""
+
+_AVG_POOL_TYPES = ('avg', 'fast', 'fastavg')
+_ACCEPTED_HEADS = ('accepted: a CNN whose head is global average pooling followed by one nn.Linear classifier, with '
+                   'forward_features giving (B, C, H, W) maps (e.g. ResNet, ResNeXt, DenseNet, EfficientNet, '
+                   'RegNet, resnet18_cifar, PyramidNet)')
+
+
+def _box_area(box: Box) -> int:
+    top, bottom, left, right = box
+    return max(bottom - top, 0) * max(right - left, 0)
+
+
+def random_box(height: int, width: int, lam: float) -> Box:
+    """A CutMix box: sides ``sqrt(1 - lam)`` of the image's, centred uniformly, clipped to it."""
+    cut = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * cut), int(width * cut)
+    cy, cx = torch.randint(height, ()).item(), torch.randint(width, ()).item()
+    top, left = cy - cut_h // 2, cx - cut_w // 2
+    return (min(max(top, 0), height), min(max(top + cut_h, 0), height),
+            min(max(left, 0), width), min(max(left + cut_w, 0), width))
+
+
+def snapmix_boxes(height: int, width: int, alpha: float = 5.0) -> Tuple[Box, Box]:
+    """(box_a, box_b): where the paste goes in image i, and what is cut from its partner.
+
+    Each is a :func:`random_box` with its own ``lam ~ Beta(alpha, alpha)`` (torch's RNG).
+    """
+    beta = torch.distributions.Beta(float(alpha), float(alpha))
+    return random_box(height, width, beta.sample().item()), random_box(height, width, beta.sample().item())
+
+
+def normalize_cams(cams: torch.Tensor) -> torch.Tensor:
+    """Maps (B, H, W) shifted to a minimum of 0 and scaled to sum 1 (float32 or float64).
+
+    A constant map (an all-zero CAM, say) has no mass after the shift and becomes uniform,
+    so that its box masses are area fractions.
+    """
+    cams = cams.to(torch.promote_types(cams.dtype, torch.float32))
+    cams = cams - cams.amin((-2, -1), keepdim=True)
+    total = cams.sum((-2, -1), keepdim=True)
+    has_mass = total > 0
+    uniform = torch.full_like(cams, 1.0 / (cams.shape[-2] * cams.shape[-1]))
+    return torch.where(has_mass, cams / torch.where(has_mass, total, 1.0), uniform)
+
+
+def class_activation_maps(
+        features: torch.Tensor,
+        weight: torch.Tensor,
+        target: torch.Tensor,
+        size: Optional[Tuple[int, int]] = None,
+        normalize: bool = True,
+) -> torch.Tensor:
+    """CAMs (B, H, W): ``sum_c weight[y, c] * features[:, c]`` for each sample's class y.
+
+    ``features`` (B, C, h, w) feed a global-average-pool + linear head with ``weight``
+    (num_classes, C), so a CAM's spatial mean is the class logit minus its bias. ``target``
+    holds class indices (B,) or class probabilities (B, num_classes), which weight the
+    classes' maps. The maps are upsampled bilinearly to ``size`` and, with ``normalize``,
+    passed through :func:`normalize_cams` (the bias, a constant, cancels there).
+    """
+    if features.dim() != 4:
+        raise ValueError(f'features must be (B, C, H, W) maps; got shape {tuple(features.shape)}')
+    if weight.dim() != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(f'weight must be (num_classes, {features.shape[1]}) for features of shape '
+                         f'{tuple(features.shape)}; got {tuple(weight.shape)}')
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    weight = weight.to(dtype)
+    if target.is_floating_point():
+        class_weight = target.to(dtype) @ weight
+    else:
+        class_weight = weight[target]
+    cams = torch.einsum('bchw,bc->bhw', features.to(dtype), class_weight)
+    if size is not None and tuple(cams.shape[-2:]) != tuple(size):
+        cams = F.interpolate(cams.unsqueeze(1), size=tuple(size), mode='bilinear', align_corners=False).squeeze(1)
+    return normalize_cams(cams) if normalize else cams
+
+
+def snapmix_weights(
+        cam_a: torch.Tensor,
+        cam_b: torch.Tensor,
+        box_a: Box,
+        box_b: Box,
+        normalize: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The label weights (w_a, w_b), each of shape (B,), in [0, 1].
+
+    ``cam_a`` (B, H, W) are the CAMs of the images receiving the paste in ``box_a``,
+    ``cam_b`` those of their partners (``cams[perm]``), cut at ``box_b``; the boxes are in the
+    maps' pixels. With ``normalize`` the maps go through :func:`normalize_cams` first, so raw
+    maps work too; without, they must already be normalized. When either box is empty nothing
+    is pasted: w_a = 1, w_b = 0.
+    """
+    if cam_a.shape != cam_b.shape or cam_a.dim() != 3:
+        raise ValueError(f'cam_a and cam_b must both be (B, H, W); got {tuple(cam_a.shape)} and {tuple(cam_b.shape)}')
+    batch = cam_a.shape[0]
+    if _box_area(box_a) == 0 or _box_area(box_b) == 0:
+        dtype = torch.promote_types(cam_a.dtype, torch.float32)
+        return (torch.ones(batch, dtype=dtype, device=cam_a.device),
+                torch.zeros(batch, dtype=dtype, device=cam_a.device))
+    (ta, ba, la, ra), (tb, bb, lb, rb) = box_a, box_b
+    if normalize:
+        cam_a, cam_b = normalize_cams(cam_a), normalize_cams(cam_b)
+    w_a = 1.0 - cam_a[:, ta:ba, la:ra].sum((-2, -1))
+    w_b = cam_b[:, tb:bb, lb:rb].sum((-2, -1))
+    return w_a.clamp(0.0, 1.0), w_b.clamp(0.0, 1.0)
+
+
+def snapmix_paste(x: torch.Tensor, perm: torch.Tensor, box_a: Box, box_b: Box) -> torch.Tensor:
+    """A copy of images ``x`` (B, C, H, W) whose ``box_a`` holds ``x[perm]``'s ``box_b``, resized.
+
+    Bilinear resizing; an exact copy when the boxes have the same size; ``x`` itself
+    (copied) when either box is empty.
+    """
+    out = x.clone()
+    if _box_area(box_a) == 0 or _box_area(box_b) == 0:
+        return out
+    (ta, ba, la, ra), (tb, bb, lb, rb) = box_a, box_b
+    patch = x[:, :, tb:bb, lb:rb][perm]
+    if (bb - tb, rb - lb) != (ba - ta, ra - la):
+        patch = F.interpolate(patch, size=(ba - ta, ra - la), mode='bilinear', align_corners=False)
+    out[:, :, ta:ba, la:ra] = patch.to(out.dtype)
+    return out
+
+
+def snapmix_moex_weights(
+        w_a: torch.Tensor,
+        w_b: torch.Tensor,
+        perm: torch.Tensor,
+        moex_lam: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights (c1, c2, c3) of the labels ``y``, ``y[perm]``, ``y[perm][perm]`` of SnapMix + MoEx.
+
+    SnapMix along ``perm`` makes image i carry ``w_a[i] * y_i + w_b[i] * y_perm(i)``. MoEx
+    along the same ``perm`` then gives sample i's features its own normalized content and the
+    moments of sample perm(i), and MoEx weighs the two samples' targets by ``moex_lam`` and
+    ``1 - moex_lam``; perm(i)'s target is, after SnapMix, ``w_a[perm(i)] * y_perm(i) +
+    w_b[perm(i)] * y_perm(perm(i))``. Collecting terms::
+
+        c1 = moex_lam * w_a
+        c2 = moex_lam * w_b + (1 - moex_lam) * w_a[perm]
+        c3 = (1 - moex_lam) * w_b[perm]
+
+    With constant weights (w_a = cutmix_lam, w_b = 1 - cutmix_lam) these are the three terms
+    of the official CutMix + MoEx loss; with ``moex_lam = 1`` (no MoEx) they are SnapMix's
+    (w_a, w_b, 0).
+    """
+    if not 0.0 <= moex_lam <= 1.0:
+        raise ValueError(f'moex_lam must be in [0, 1]; got {moex_lam}')
+    c1 = moex_lam * w_a
+    c2 = moex_lam * w_b + (1.0 - moex_lam) * w_a[perm]
+    c3 = (1.0 - moex_lam) * w_b[perm]
+    return c1, c2, c3
+
+
+def per_sample_loss(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``criterion`` on each sample alone, shape (B,), for a criterion that averages over the batch.
+
+    Vectorized with ``torch.func.vmap`` (timm's cross-entropy losses, ``nn.CrossEntropyLoss``,
+    the bi-tempered loss); one call per sample for criteria that vmap cannot batch.
+    """
+    def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return criterion(o.unsqueeze(0), t.unsqueeze(0))
+
+    try:
+        return torch.func.vmap(one)(output, target)
+    except RuntimeError:  # an op without a batching rule, or data-dependent control flow
+        return torch.stack([one(o, t) for o, t in zip(output, target)])
+
+
+def _head_error(model_name: str, reason: str) -> str:
+    return f'SnapMix cannot make class activation maps for {model_name}: {reason}; {_ACCEPTED_HEADS}'
+
+
+def _is_avg_pool(pool: Any) -> bool:
+    if isinstance(pool, SelectAdaptivePool2d):
+        return pool.pool_type in _AVG_POOL_TYPES
+    if isinstance(pool, nn.AdaptiveAvgPool2d):
+        return pool.output_size in (1, (1, 1))
+    return False
+
+
+def cam_classifier(model: nn.Module) -> nn.Linear:
+    """The linear classifier that makes ``model``'s CAMs; ValueError for other heads.
+
+    Accepted: ``model.global_pool`` (or ``model.head.global_pool`` of a timm
+    ``ClassifierHead``) is global average pooling, ``model.get_classifier()`` is an
+    ``nn.Linear`` taking ``model.num_features`` inputs (so nothing else sits between the pooling
+    and the classifier), and ``forward_features`` gives NCHW maps.
+    """
+    model = _unwrap(model)
+    name = type(model).__name__
+    if not callable(getattr(model, 'forward_features', None)) or not callable(getattr(model, 'get_classifier', None)):
+        raise ValueError(_head_error(name, 'it has no forward_features / get_classifier'))
+    pool = getattr(model, 'global_pool', None)
+    head = getattr(model, 'head', None)
+    if pool is None and isinstance(head, ClassifierHead):
+        pool = head.global_pool
+    if not _is_avg_pool(pool):
+        where = f'global_pool={pool!r}' if pool is not None else 'no global_pool module'
+        raise ValueError(_head_error(name, f'its head is {type(head).__name__ if head is not None else "absent"} with '
+                                           f'{where}, not global average pooling'))
+    if getattr(model, 'output_fmt', 'NCHW') != 'NCHW':
+        raise ValueError(_head_error(name, f'its features are {model.output_fmt}'))
+    fc = model.get_classifier()
+    if not isinstance(fc, nn.Linear):
+        raise ValueError(_head_error(name, f'its classifier is {type(fc).__name__}, not nn.Linear'))
+    num_features = getattr(model, 'num_features', fc.in_features)
+    if fc.in_features != num_features:
+        raise ValueError(_head_error(name, f'layers sit between its {num_features} pooled features and its '
+                                           f'{fc.in_features}-input classifier'))
+    return fc
+
+
+def _check_unit_interval(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f'{name} must be a number in [0, 1]; got {value!r}')
+    return float(value)
+
+
+class SnapMixTask(ClassificationTask):
+    """Classification with SnapMix, optionally with MoEx in the same step.
+
+    Per training batch, with probability ``prob``: draw ``perm`` (random pairing), compute CAMs
+    of the *original* images with one ``torch.no_grad`` ``forward_features`` pass (no second
+    backbone pass with gradients; batch-norm layers use batch statistics in it without
+    updating their running statistics), paste, and weight the labels by CAM mass (module
+    docstring). The loss is ``mean_i sum_k c_k[i] * criterion(out_i, target_k[i])`` with
+    per-sample criterion values (:func:`per_sample_loss`): the criterion must average over the
+    batch, as timm's do.
+
+    With ``hook`` (a ``MoExHook`` of the model, e.g. ``get_moex_hook(model)``), MoEx fires
+    per batch with probability ``moex_prob``, independently of SnapMix; when both fire they
+    use the SAME ``perm``, and the label weights are those of :func:`snapmix_moex_weights`:
+
+        c1 = moex_lam * w_a                              on y
+        c2 = moex_lam * w_b + (1 - moex_lam) * w_a[perm]  on y[perm]
+        c3 = (1 - moex_lam) * w_b[perm]                   on y[perm][perm]
+
+    Why: after SnapMix, image i's content is ``w_a[i]`` parts y_i and ``w_b[i]`` parts
+    y_perm(i). MoEx keeps sample i's normalized content (weight ``moex_lam``, the paper's
+    target_a) and gives it the moments of sample perm(i) (weight ``1 - moex_lam``, target_b);
+    that donor is itself a SnapMix image, so its target is its own SnapMix mixture. This is
+    the official CutMix + MoEx loss with CutMix's area ratio replaced by SnapMix's semantic
+    weights. Unlike SnapMix's code, pairs with equal labels are not given doubled weights:
+    the weights of equal labels simply add. MoEx alone (SnapMix not drawn) gives the plain
+    MoEx loss ``moex_lam * l(y) + (1 - moex_lam) * l(y[perm])``.
+
+    The CAM pass calls ``forward_features`` of the unwrapped model (no DDP, compile or
+    Accelerate forward wrapper): under Accelerate's mixed precision, call the task inside
+    ``accelerator.autocast()`` for a reduced-precision CAM pass. Under SyncBatchNorm, all
+    processes must draw the same SnapMix coin (seed them alike), since the CAM pass runs the
+    normalization's collectives.
+
+    Args:
+        model: A CNN with a global-average-pool + linear head (:func:`cam_classifier`).
+        alpha: Beta(alpha, alpha) of each box's lam (the paper's 5).
+        prob: Probability that a batch is SnapMixed (decided per batch and process).
+        hook: The model's MoEx hook, or None for SnapMix alone.
+        moex_prob: Probability that a batch is moment-exchanged (with ``hook``).
+        moex_lam: MoEx weight of the sample's own target (the paper's CutMix + MoEx 0.9).
+        criterion, criterion_kwargs, device, dtype, verbose: as ``timm.task.ClassificationTask``.
+            Targets are class indices or soft targets (``timm.data.Mixup``); soft targets are
+            permuted row-wise and weight the classes' CAMs.
+
+    The result dict holds 'loss', 'output', 'snapmix' and 'moex' (whether each was applied),
+    and when either was, 'perm' (sample i's partner and moment donor is perm[i]); with SnapMix
+    also 'weights' (w_a, w_b) and 'boxes' (box_a, box_b).
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            alpha: float = 5.0,
+            prob: float = 1.0,
+            hook: Optional[MoExHook] = None,
+            moex_prob: float = 0.25,
+            moex_lam: float = 0.9,
+            criterion: Optional[Union[nn.Module, Callable]] = None,
+            criterion_kwargs: Optional[Dict[str, Any]] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+    ):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or math.isinf(alpha):
+            raise ValueError(f'alpha must be a finite number > 0 (Beta(alpha, alpha); the paper uses 5); got {alpha!r}')
+        prob = _check_unit_interval('prob', prob)
+        moex_prob = _check_unit_interval('moex_prob', moex_prob)
+        moex_lam = _check_unit_interval('moex_lam', moex_lam)
+        if hook is not None and not isinstance(hook, MoExHook):
+            raise TypeError(f'hook must be a timm_moex MoExHook (see get_moex_hook) or None; got {type(hook).__name__}')
+        cam_classifier(model)
+        super().__init__(model, criterion=criterion, criterion_kwargs=criterion_kwargs,
+                         device=device, dtype=dtype, verbose=verbose)
+        self.alpha = float(alpha)
+        self.prob = prob
+        self.hook = hook
+        self.moex_prob = moex_prob
+        self.moex_lam = moex_lam
+        self.moex_loss = MoExLoss(self.criterion)
+        if self.verbose:
+            moex = f', {hook}, moex_prob={moex_prob}, moex_lam={moex_lam}' if hook is not None else ''
+            _logger.info(f'{type(self).__name__}: alpha={self.alpha}, prob={self.prob}{moex}')
+
+    @staticmethod
+    def _coin(prob: float) -> bool:
+        # Tossed on the CPU generator: no device sync, reproducible under set_seed.
+        return prob == 1.0 or (prob > 0.0 and torch.rand(()).item() < prob)
+
+    @torch.no_grad()
+    def class_activation_maps(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Normalized CAMs (B, H, W) of ``input`` at its resolution, from a no-grad features pass."""
+        model = _unwrap(self.trainable_module)
+        fc = cam_classifier(model)
+        # Batch statistics as in the training forward, but the running statistics are left to
+        # it: a BN layer in training mode that does not track them neither reads nor updates them.
+        tracking = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        for m in tracking:
+            m.track_running_stats = False
+        try:
+            features = model.forward_features(input)
+        finally:
+            for m in tracking:
+                m.track_running_stats = True
+        if features.dim() != 4 or features.shape[1] != fc.in_features:
+            raise ValueError(_head_error(type(model).__name__, f'forward_features gave shape {tuple(features.shape)} '
+                                                                 f'for a {fc.in_features}-input classifier'))
+        return class_activation_maps(features, fc.weight, target, size=input.shape[-2:])
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
+        training = self.get_trainable_module().training
+        snapmix = training and self._coin(self.prob)
+        moex = training and self.hook is not None and self._coin(self.moex_prob)
+        if not (snapmix or moex):
+            output = self.trainable_module(input)
+            return {'loss': self.criterion(output, target), 'output': output, 'snapmix': False, 'moex': False}
+
+        perm = torch.randperm(input.shape[0], device=input.device)
+        result: Dict[str, Any] = {'snapmix': snapmix, 'moex': moex, 'perm': perm}
+        if snapmix:
+            cams = self.class_activation_maps(input, target)
+            box_a, box_b = snapmix_boxes(input.shape[-2], input.shape[-1], self.alpha)
+            w_a, w_b = snapmix_weights(cams, cams[perm], box_a, box_b, normalize=False)
+            input = snapmix_paste(input, perm, box_a, box_b)
+            result.update(weights=(w_a, w_b), boxes=(box_a, box_b))
+        if moex:
+            self.hook.arm(perm)
+        output = self.trainable_module(input)
+
+        if not snapmix:
+            loss = self.moex_loss(output, target, perm, self.moex_lam)
+        else:
+            c1, c2, c3 = snapmix_moex_weights(w_a, w_b, perm, self.moex_lam if moex else 1.0)
+            target_b = target[perm]
+            per_sample = c1 * per_sample_loss(self.criterion, output, target)
+            per_sample = per_sample + c2 * per_sample_loss(self.criterion, output, target_b)
+            if moex and self.moex_lam < 1.0:
+                per_sample = per_sample + c3 * per_sample_loss(self.criterion, output, target_b[perm])
+            loss = per_sample.mean()
+        result.update(loss=loss, output=output)
+        return result
