@@ -37,7 +37,7 @@ from timm.utils import ModelEmaV3, update_summary
 from tqdm import tqdm
 
 import timm_moex  # noqa: F401  (registers the package's models with timm)
-from timm_moex import MoExClassificationTask, attach_moex, get_moex_hook
+from timm_moex import BiTemperedLogisticLoss, MoExClassificationTask, SnapMixTask, attach_moex, get_moex_hook
 from timm_moex.checkpoint import CheckpointManager, TrainState, export_weights, load_weights, truncate_summary
 from timm_moex.config import ConfigError, atomic_write_text, config_help, load_config, resolve_output_dir, \
     save_config
@@ -68,7 +68,8 @@ def create_model(cfg, num_classes):
 def train_one_epoch(epoch, task, model, loader, optimizer, scheduler, mixup, model_ema, state, accelerator, cfg):
     model.train()
     loader.set_epoch(epoch)  # the shuffle depends on (seed, epoch) only: resumable
-    loss_sum = torch.zeros(3, device=accelerator.device)  # (sum of losses, images, MoEx batches), this process
+    loss_sum = torch.zeros((), device=accelerator.device)  # stays on the device: no sync per step
+    images, moex_batches = 0, 0  # this process
     start = time.perf_counter()
     bar = tqdm(loader, desc=f'epoch {epoch}/{cfg.epochs}', dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_main_process))
@@ -90,18 +91,16 @@ def train_one_epoch(epoch, task, model, loader, optimizer, scheduler, mixup, mod
                 scheduler.step_update(state.num_updates)
             if model_ema is not None:
                 model_ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=state.num_updates)
-        loss_sum += torch.stack([result['loss'].detach().float() * input.shape[0],
-                                 torch.tensor(float(input.shape[0]), device=loss_sum.device),
-                                 torch.tensor(float(result.get('moex', False)), device=loss_sum.device)])
-        if bar.disable is False and step % 10 == 0:
-            images = loss_sum[1].item() * accelerator.num_processes
-            bar.set_postfix(loss=f'{loss_sum[0].item() / loss_sum[1].item():.4f}',
-                            img_s=f'{images / (time.perf_counter() - start):.0f}')
-    loss_sum = accelerator.reduce(loss_sum, reduction='sum')
+        loss_sum += result['loss'].detach().float() * input.shape[0]
+        images, moex_batches = images + input.shape[0], moex_batches + int(result.get('moex', False))
+        if not bar.disable and step % 10 == 0:
+            bar.set_postfix(loss=f'{loss_sum.item() / images:.4f}',
+                            img_s=f'{images * accelerator.num_processes / (time.perf_counter() - start):.0f}')
+    totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(images), device=loss_sum.device),
+                                             torch.tensor(float(moex_batches), device=loss_sum.device)]), 'sum')
     elapsed = time.perf_counter() - start
-    return {'loss': (loss_sum[0] / loss_sum[1]).item(), 'epoch_time': elapsed,
-            'img_per_sec': loss_sum[1].item() / elapsed,
-            'moex_frac': loss_sum[2].item() / (len(loader) * accelerator.num_processes)}
+    return {'loss': (totals[0] / totals[1]).item(), 'epoch_time': elapsed, 'img_per_sec': totals[1].item() / elapsed,
+            'moex_frac': totals[2].item() / (len(loader) * accelerator.num_processes)}
 
 
 def main(argv=None):
@@ -141,13 +140,22 @@ def main(argv=None):
         warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, step_on_epochs=False,
         updates_per_epoch=math.ceil(len(train_loader) / cfg.grad_accum_steps))
     mixup = create_mixup(cfg, num_classes)
-    criterion_kwargs = dict(smoothing=cfg.smoothing, soft_targets=mixup is not None)
-    if cfg.moex:
+    criterion = None
+    if cfg.loss == 'bi_tempered':  # with Mixup, the smoothing is already in Mixup's soft targets
+        criterion = BiTemperedLogisticLoss(cfg.bitempered_t1, cfg.bitempered_t2, num_iters=cfg.bitempered_iters,
+                                           smoothing=0.0 if mixup is not None else cfg.smoothing)
+    common = dict(criterion=criterion, device=accelerator.device, verbose=False,
+                  criterion_kwargs=None if criterion is not None else dict(smoothing=cfg.smoothing,
+                                                                           soft_targets=mixup is not None))
+    if cfg.snapmix:
+        task = SnapMixTask(model, alpha=cfg.snapmix_alpha, prob=cfg.snapmix_prob,
+                           hook=get_moex_hook(model) if cfg.moex else None, moex_prob=cfg.moex_prob,
+                           moex_lam=cfg.moex_lam, **common)
+    elif cfg.moex:
         task = MoExClassificationTask(model, hook=get_moex_hook(model), prob=cfg.moex_prob, lam=cfg.moex_lam,
-                                      pairing='flip' if mixup is not None else 'random',
-                                      criterion_kwargs=criterion_kwargs, device=accelerator.device, verbose=False)
+                                      pairing='flip' if mixup is not None else 'random', **common)
     else:
-        task = ClassificationTask(model, criterion_kwargs=criterion_kwargs, device=accelerator.device, verbose=False)
+        task = ClassificationTask(model, **common)
     model_ema = None
     if cfg.model_ema:
         model_ema = ModelEmaV3(accelerator.unwrap_model(model, keep_torch_compile=False),

@@ -109,3 +109,17 @@ def test_stack_images_resizes_and_names_a_broken_file(tmp_path):
     (tmp_path / 'c.png').write_bytes(b'not an image')
     with pytest.raises(RuntimeError, match='c.png'):
         stack_images([tmp_path / 'a.png', tmp_path / 'c.png'], size=8)
+
+
+@pytest.mark.parametrize('loader', ['workers', 'device'])
+def test_train_limit_takes_a_fixed_subset(loader, image_folder):
+    from timm_moex.config import load_config
+    from timm_moex.data import create_datasets
+    cfg = load_config(['--dataset', 'imagefolder', '--data-dir', str(image_folder), '--img-size', '32',
+                       '--loader', loader, '--train-limit', '10', '--eval-limit', '5'], check_paths=False)
+    train_set, eval_set, n = create_datasets(cfg, torch.device('cpu'))
+    assert (len(train_set), len(eval_set), n) == (10, 5, 2)
+    again, _, _ = create_datasets(cfg, torch.device('cpu'))
+    targets = lambda ds: [int(ds[i][1]) for i in range(len(ds))]  # noqa: E731
+    assert targets(train_set) == targets(again) and set(targets(train_set)) == {0, 1}
+    assert train_set[0][0].shape == (3, 32, 32)

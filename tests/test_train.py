@@ -385,3 +385,24 @@ def test_sigkill_then_resume_auto(run_args, tmp_path):
     assert [r['epoch'] for r in killed_rows] == ['1', '2', '3']
     for key in ('train_loss', 'eval_loss', 'eval_top1_err', 'eval_ece', 'lr'):
         assert float(killed_rows[2][key]) == pytest.approx(float(full_rows[2][key]), rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize('extra', [['--loss', 'bi_tempered', '--moex', '--moex-prob', '1.0', '--smoothing', '0.1'],
+                                   ['--snapmix', '--moex', '--moex-prob', '1.0'],
+                                   ['--loss', 'bi_tempered', '--snapmix']])
+def test_bi_tempered_loss_and_snapmix_from_the_config(extra, run_args, tmp_path):
+    out = tmp_path / 'run'
+    results = train_moex.main(run_args(*extra, '--epochs', '1', out=out))
+    assert results['last']['epoch'] == 1 and torch.isfinite(torch.tensor(results['last']['train_loss']))
+    rows = read_summary(out)
+    assert float(rows[0]['train_moex_frac']) == (1.0 if '--moex' in extra else 0.0)
+
+
+def test_snapmix_refuses_mixing_and_token_models():
+    from timm_moex.config import load_config
+    with pytest.raises(ConfigError, match='snapmix: SnapMix does its own mixing'):
+        load_config(['--snapmix', '--cutmix', '1.0'], check_paths=False)
+    with pytest.raises(ConfigError, match='snapmix: '):
+        load_config(['--snapmix', '--model', 'vit_tiny_patch16_224'], check_paths=False)
+    with pytest.raises(ConfigError, match='bitempered'):
+        load_config(['--loss', 'bi_tempered', '--bitempered-t1', '0'], check_paths=False)

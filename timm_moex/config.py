@@ -38,6 +38,7 @@ MIXED_PRECISION = ('no', 'fp16', 'bf16')
 MIXUP_MODES = ('batch', 'pair', 'elem')
 TRACKERS = ('tensorboard',)
 LOADERS = ('auto', 'workers', 'device')
+LOSSES = ('ce', 'bi_tempered')
 
 
 def _f(default, doc: str, choices: Optional[Sequence] = None):
@@ -58,6 +59,8 @@ class TrainConfig:
     download: bool = _f(False, 'let torchvision download CIFAR into data_dir (needs internet)')
     num_classes: Optional[int] = _f(None, 'number of classes; default: from the dataset')
     img_size: Optional[int] = _f(None, 'input size; default 32 for digits/CIFAR, else 224')
+    train_limit: int = _f(0, 'train on this many images only, a fixed random subset (seed 0); 0 = all')
+    eval_limit: int = _f(0, 'evaluate on this many images only, a fixed random subset (seed 0); 0 = all')
     workers: int = _f(2, 'data loader worker processes per training process')
     pin_memory: bool = _f(False, 'pin host memory in the data loaders (GPU training)')
     loader: str = _f('auto', "'workers' (DataLoader worker processes, PIL transforms), 'device' (the whole "
@@ -88,6 +91,14 @@ class TrainConfig:
     mixup_switch_prob: float = _f(0.5, 'probability of CutMix rather than Mixup when both are on')
     mixup_mode: str = _f('batch', 'Mixup mode of timm: batch, pair or elem', MIXUP_MODES)
     smoothing: float = _f(0.0, 'label smoothing')
+    loss: str = _f('ce', "'ce' (timm's cross-entropy, smoothed / soft as needed) or 'bi_tempered' (Bi-Tempered "
+                         "Logistic Loss, Amid et al. 2019)", LOSSES)
+    bitempered_t1: float = _f(0.8, 'bi_tempered: temperature of the log (t1 < 1 bounds the loss)')
+    bitempered_t2: float = _f(1.2, 'bi_tempered: temperature of the exp (t2 > 1 gives heavier tails)')
+    bitempered_iters: int = _f(5, 'bi_tempered: iterations of the normalization')
+    snapmix: bool = _f(False, 'SnapMix (Huang et al. 2021) through SnapMixTask; with moex, one shared pairing')
+    snapmix_alpha: float = _f(5.0, 'SnapMix: Beta(alpha, alpha) of the box sizes')
+    snapmix_prob: float = _f(1.0, 'SnapMix: probability that a batch is mixed')
 
     # --- MoEx ---
     moex: bool = _f(False, 'Moment Exchange on (MoExClassificationTask)')
@@ -314,11 +325,22 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             hint = f' (did you mean {close[0]!r}?)' if close else ''
             raise ConfigError(f'{key}: {value!r} is not one of {", ".join(choices)}{hint}')
 
-    _unit(cfg, 'moex_lam', 'moex_prob', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'reprob', 'hflip')
+    _unit(cfg, 'snapmix_prob', 'moex_lam', 'moex_prob', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'reprob', 'hflip')
     _positive(cfg, 'epochs', 'batch_size', 'eval_batch_size', 'grad_accum_steps', 'lr_base_size', 'checkpoint_keep',
               'num_classes', 'img_size')
     _positive(cfg, 'lr', 'lr_base', 'weight_decay', 'momentum', 'mixup', 'cutmix', 'cutout', 'workers',
-              'crop_padding', 'warmup_epochs', 'warmup_lr', 'min_lr', 'model_ema_decay', 'moex_eps', zero_ok=True)
+              'crop_padding', 'train_limit', 'eval_limit', 'warmup_epochs', 'warmup_lr', 'min_lr', 'model_ema_decay', 'moex_eps', zero_ok=True)
+    if cfg.loss == 'bi_tempered':
+        from .bitempered import BiTemperedLogisticLoss
+        try:
+            BiTemperedLogisticLoss(cfg.bitempered_t1, cfg.bitempered_t2, num_iters=cfg.bitempered_iters)
+        except ValueError as e:
+            raise ConfigError(f'bitempered_t1/t2/iters: {e}') from None
+    if cfg.snapmix and not cfg.snapmix_alpha > 0:
+        raise ConfigError(f'snapmix_alpha: must be positive, got {cfg.snapmix_alpha!r}')
+    if cfg.snapmix and cfg.mixing:
+        raise ConfigError(f'snapmix: SnapMix does its own mixing; turn mixup/cutmix off (mixup={cfg.mixup}, '
+                          f'cutmix={cfg.cutmix})')
     if cfg.mixing and cfg.batch_size % 2:
         raise ConfigError(f'batch_size: {cfg.batch_size} is odd, but Mixup/CutMix (mixup={cfg.mixup}, '
                           f'cutmix={cfg.cutmix}) pairs sample i with sample B-1-i and needs an even batch size')
@@ -408,6 +430,12 @@ def _check_model_build(cfg: TrainConfig) -> None:
         raise ConfigError(f'model_kwargs: {cfg.model_kwargs!r} are not accepted by {cfg.model!r}: {e}') from None
     except Exception:  # noqa: BLE001  a model that cannot be built on 'meta': checked when it is built
         return
+    if cfg.snapmix:
+        from .snapmix import cam_classifier
+        try:
+            cam_classifier(model)
+        except ValueError as e:
+            raise ConfigError(f'snapmix: {e}') from None
     if cfg.moex and get_moex_hook(model) is None:
         try:
             resolve_moex_layer(model, cfg.moex_layer)

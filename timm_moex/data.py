@@ -236,29 +236,56 @@ def _raw_datasets(cfg: TrainConfig):
     return FileListDataset(readers[0].samples, classes), FileListDataset(readers[1].samples, classes), classes
 
 
+class _Subset(torch.utils.data.Subset):
+    """A Subset that passes ``transform`` to its dataset and keeps its ``classes``."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]):
+        super().__init__(dataset, indices)
+        self.classes = dataset.classes
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value):
+        self.dataset.transform = value
+
+
+def _limit(dataset: Dataset, limit: int) -> Dataset:
+    """A fixed random subset (seed 0) of ``limit`` samples; the dataset itself when 0 or not smaller."""
+    if not limit or limit >= len(dataset):
+        return dataset
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit]
+    return _Subset(dataset, sorted(indices.tolist()))
+
+
 def _to_device_dataset(cfg: TrainConfig, raw: Dataset, train: bool, device) -> 'DeviceImageDataset':
     from .device_data import DeviceImageDataset, stack_images
     img_size, mean, std, recipe = resolve_data_defaults(cfg)
-    if isinstance(raw, datasets.CIFAR10):  # CIFAR100 too: the arrays are in memory already
-        images = torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous()
+    index = list(range(len(raw)))
+    if isinstance(raw, _Subset):
+        raw, index = raw.dataset, list(raw.indices)
+    if isinstance(raw, datasets.CIFAR10):  # CIFAR100 too: the uint8 arrays are in memory already
+        images = torch.from_numpy(raw.data[index]).permute(0, 3, 1, 2).contiguous()
         if images.shape[-1] != img_size:
-            images = stack_images(list(raw.data), img_size)
-        targets = raw.targets
+            images = stack_images(list(raw.data[index]), img_size)
+        targets = [raw.targets[i] for i in index]
     elif isinstance(raw, DigitsDataset):
-        images, targets = stack_images(raw.images, img_size), raw.targets
-    else:  # files: ImageFolder
-        images = stack_images([path for path, _ in raw.samples], img_size, workers=cfg.workers)
-        targets = [t for _, t in raw.samples]
-    augment = train and recipe == 'cifar'
-    return DeviceImageDataset(images, torch.as_tensor(targets), mean, std, train=augment, padding=cfg.crop_padding,
-                              hflip=cfg.hflip, cutout=cfg.cutout, device=device, classes=raw.classes,
-                              channels_last=cfg.channels_last)
+        images, targets = stack_images([raw.images[i] for i in index], img_size), [raw.targets[i] for i in index]
+    else:  # files (ImageFolder): decoded once, in threads
+        samples = [raw.samples[i] for i in index]
+        images, targets = stack_images([p for p, _ in samples], img_size), [t for _, t in samples]
+    return DeviceImageDataset(images, torch.as_tensor(targets), mean, std, train=train and recipe == 'cifar',
+                              padding=cfg.crop_padding, hflip=cfg.hflip, cutout=cfg.cutout, device=device,
+                              classes=raw.classes, channels_last=cfg.channels_last)
 
 
 def create_datasets(cfg: TrainConfig, device: Optional[torch.device] = None) -> Tuple[Dataset, Dataset, int]:
     """(train set, eval set, number of classes); with the device loader (:func:`resolve_loader`),
     :class:`~timm_moex.device_data.DeviceImageDataset` s on ``device``."""
     train_set, eval_set, classes = _raw_datasets(cfg)
+    train_set, eval_set = _limit(train_set, cfg.train_limit), _limit(eval_set, cfg.eval_limit)
     if resolve_loader(cfg, device) == 'device':
         train_set = _to_device_dataset(cfg, train_set, True, device)
         eval_set = _to_device_dataset(cfg, eval_set, False, device)

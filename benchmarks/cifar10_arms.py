@@ -1,0 +1,174 @@
+"""MoEx against the baseline on CIFAR-10 (JPEG): four arms, several seeds, one table and one plot.
+
+Every run is ``train_moex.py`` with the CIFAR-10 recipe of ``hparams/cifar10_resnet18_cifar_moex.yaml``
+(SGD Nesterov, lr 0.1, batch 128, weight decay 5e-4, cosine, RandomCrop pad 4 + flip) on the
+ImageFolder copy of CIFAR-10; the arms differ only in their mixing keys:
+
+    baseline      moex false
+    moex          moex true  (lam 0.5, prob 0.25: the paper's CIFAR values)
+    cutmix        cutmix beta 1, prob 0.5
+    cutmix_moex   both (one shared pairing, the three-term loss)
+
+It prints (and writes to OUT/results.md) the mean and std over seeds of the last-epoch and the
+best-epoch top-1 error, and plots test error against epoch (OUT/test_error.png, if matplotlib is
+installed). It asserts nothing about who wins.
+
+    # GPU (the figures of the README):
+    python benchmarks/cifar10_arms.py --data-dir data/cifar10 --epochs 30 --seeds 0 1 2 --parallel 12
+    # CPU-sized (minutes on 2 cores: a 2,000-image subset, 2 epochs, one seed):
+    python benchmarks/cifar10_arms.py --data-dir data/cifar10 --cpu-sized
+
+``data/cifar10`` is ``../shared/data/cifar10/cifar10_jpeg.tar.gz`` unpacked (train/ and test/).
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS: Dict[str, List[str]] = {
+    'baseline': ['--moex', 'false'],
+    'moex': ['--moex', 'true'],
+    'cutmix': ['--moex', 'false', '--cutmix', '1.0', '--mixup-prob', '0.5'],
+    'cutmix_moex': ['--moex', 'true', '--cutmix', '1.0', '--mixup-prob', '0.5'],
+}
+
+
+def versions() -> str:
+    import accelerate
+    import timm
+    import torch
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or 'CPU'
+    return (f'device: {device}; python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, '
+            f'accelerate {accelerate.__version__}')
+
+
+def run_one(args, arm: str, seed: int) -> Path:
+    out = args.out / f'{arm}-seed{seed}'
+    if (out / 'results.json').exists():
+        return out  # done by an earlier call of this script
+    cmd = [sys.executable, str(ROOT / 'train_moex.py'), '--config', str(args.config), '--dataset', 'imagefolder',
+           '--data-dir', str(args.data_dir), '--img-size', '32', '--epochs', str(args.epochs), '--seed', str(seed),
+           '--output-dir', str(out), '--progress', 'false', '--checkpoint-keep', '1', '--resume', 'auto',
+           '--model', args.model, '--moex-lam', str(args.moex_lam), '--moex-prob', str(args.moex_prob),
+           *ARMS[arm], *args.extra]
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    with open(out / 'log.txt', 'a') as log:
+        log.write(' '.join(cmd) + '\n')
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        print(f'{arm} seed {seed}: train_moex.py failed (exit {proc.returncode}); see {out / "log.txt"}')
+    return out
+
+
+def curve(out: Path) -> List[float]:
+    with open(out / 'summary.csv', newline='') as f:
+        return [float(r['eval_top1_err']) for r in csv.DictReader(f)]
+
+
+def mean_std(values: List[float]) -> str:
+    if not values:
+        return 'n/a'
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f'{statistics.mean(values):.2f} ± {std:.2f}'
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data-dir', type=Path, default=Path(os.environ.get('TIMM_MOEX_CIFAR10_JPEG', 'data/cifar10')))
+    parser.add_argument('--config', type=Path, default=ROOT / 'hparams' / 'cifar10_resnet18_cifar_moex.yaml')
+    parser.add_argument('--model', default='resnet18_cifar')
+    parser.add_argument('--arms', nargs='+', default=list(ARMS), choices=list(ARMS))
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--epochs', type=int, default=30)
+    parser.add_argument('--moex-lam', type=float, default=0.5)
+    parser.add_argument('--moex-prob', type=float, default=0.25)
+    parser.add_argument('--parallel', type=int, default=1, help='runs at a time (they share the device)')
+    parser.add_argument('--threads', type=int, default=1, help='OMP threads per run')
+    parser.add_argument('--cpu-sized', action='store_true',
+                        help='2,000 train / 1,000 test images, 2 epochs, seed 0, no mixed precision')
+    parser.add_argument('--out', type=Path, default=ROOT / 'runs' / 'cifar10_arms')
+    parser.add_argument('extra', nargs=argparse.REMAINDER, help='after --: more train_moex.py arguments')
+    args = parser.parse_args()
+    args.extra = [a for a in args.extra if a != '--']
+    if args.cpu_sized:
+        args.epochs, args.seeds = 2, [0]
+        args.extra = ['--train-limit', '2000', '--eval-limit', '1000', '--workers', '2', '--batch-size', '64',
+                      *args.extra]
+    if not (args.data_dir / 'train').is_dir():
+        sys.exit(f'{args.data_dir}/train is missing: unpack cifar10_jpeg.tar.gz there or pass --data-dir')
+
+    header = [f'command: python {" ".join(sys.argv)}', versions(),
+              f'model {args.model}, {args.epochs} epochs, seeds {args.seeds}, moex lam {args.moex_lam} prob '
+              f'{args.moex_prob}, config {args.config.name}, extra {args.extra}']
+    print('\n'.join(header), flush=True)
+    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.parallel) as pool:
+        outs = dict(zip(jobs, pool.map(lambda job: run_one(args, *job), jobs)))
+    elapsed = time.perf_counter() - start
+
+    rows, curves = [], {}
+    for arm in args.arms:
+        done = [outs[(arm, s)] for s in args.seeds if (outs[(arm, s)] / 'results.json').exists()]
+        results = [json.loads((o / 'results.json').read_text()) for o in done]
+        curves[arm] = [curve(o) for o in done]
+        rows.append([arm, str(len(results)),
+                     mean_std([r['last']['top1_err'] for r in results]),
+                     mean_std([r['best']['top1_err'] for r in results]),
+                     mean_std([r['last']['top5_err'] for r in results]),
+                     mean_std([r['last']['train_loss'] for r in results])])
+    table = ['| arm | runs | last-epoch top-1 err (%) | best-epoch top-1 err (%) | last top-5 err (%) | '
+             'last train loss |', '|---|---|---|---|---|---|']
+    table += ['| ' + ' | '.join(r) + ' |' for r in rows]
+    text = '\n'.join(header + [f'wall time {elapsed:.0f} s, {args.parallel} run(s) at a time', ''] + table) + '\n'
+    print('\n'.join(table))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'results.md').write_text(text)
+    (args.out / 'curves.json').write_text(json.dumps(curves))
+    plot(curves, args.out / 'test_error.png', f'{args.model}, CIFAR-10 (JPEG), {len(args.seeds)} seed(s)')
+
+
+def plot(curves: Dict[str, List[List[float]]], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f'matplotlib is not installed: no plot ({path.name}); the curves are in curves.json')
+        return
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, runs in curves.items():
+        if not runs:
+            continue
+        n = min(len(r) for r in runs)
+        values = np.array([r[:n] for r in runs])
+        epochs = np.arange(1, n + 1)
+        ax.plot(epochs, values.mean(0), label=f'{arm} ({len(runs)} seeds)')
+        if len(runs) > 1:
+            ax.fill_between(epochs, values.mean(0) - values.std(0), values.mean(0) + values.std(0), alpha=0.2)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('test top-1 error (%)')
+    ax.set_title(title)
+    ax.set_yscale('log')  # early epochs are far above the final errors
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f'.{path.name}.tmp.png')
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+if __name__ == '__main__':
+    main()
