@@ -17,6 +17,8 @@ installed). It asserts nothing about who wins.
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --epochs 30 --seeds 0 1 2 --parallel 12
     # CPU-sized (minutes on 2 cores: a 2,000-image subset, 2 epochs, one seed):
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --cpu-sized
+    # Issue 7: cross-entropy against the bi-tempered loss under 20% / 40% symmetric label noise:
+    python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set label_noise --cpu-sized
 
 ``data/cifar10`` is ``../shared/data/cifar10/cifar10_jpeg.tar.gz`` unpacked (train/ and test/).
 """
@@ -34,12 +36,23 @@ from pathlib import Path
 from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS: Dict[str, List[str]] = {
-    'baseline': ['--moex', 'false'],
-    'moex': ['--moex', 'true'],
-    'cutmix': ['--moex', 'false', '--cutmix', '1.0', '--mixup-prob', '0.5'],
-    'cutmix_moex': ['--moex', 'true', '--cutmix', '1.0', '--mixup-prob', '0.5'],
+_BI_TEMPERED = ['--loss', 'bi_tempered', '--bitempered-t1', '0.8', '--bitempered-t2', '1.2']
+ARM_SETS: Dict[str, Dict[str, List[str]]] = {
+    'moex': {
+        'baseline': ['--moex', 'false'],
+        'moex': ['--moex', 'true'],
+        'cutmix': ['--moex', 'false', '--cutmix', '1.0', '--mixup-prob', '0.5'],
+        'cutmix_moex': ['--moex', 'true', '--cutmix', '1.0', '--mixup-prob', '0.5'],
+    },
+    # Issue 7: cross-entropy against the bi-tempered loss under symmetric label noise (no MoEx).
+    'label_noise': {
+        'ce_noise20': ['--moex', 'false', '--label-noise', '0.2'],
+        'bitempered_noise20': ['--moex', 'false', '--label-noise', '0.2', *_BI_TEMPERED],
+        'ce_noise40': ['--moex', 'false', '--label-noise', '0.4'],
+        'bitempered_noise40': ['--moex', 'false', '--label-noise', '0.4', *_BI_TEMPERED],
+    },
 }
+ARMS = {name: extra for arms in ARM_SETS.values() for name, extra in arms.items()}
 
 
 def versions() -> str:
@@ -88,23 +101,28 @@ def main() -> None:
     parser.add_argument('--data-dir', type=Path, default=Path(os.environ.get('TIMM_MOEX_CIFAR10_JPEG', 'data/cifar10')))
     parser.add_argument('--config', type=Path, default=ROOT / 'hparams' / 'cifar10_resnet18_cifar_moex.yaml')
     parser.add_argument('--model', default='resnet18_cifar')
-    parser.add_argument('--arms', nargs='+', default=list(ARMS), choices=list(ARMS))
+    parser.add_argument('--arm-set', default='moex', choices=list(ARM_SETS),
+                        help="'moex': baseline / MoEx / CutMix / CutMix + MoEx; 'label_noise': cross-entropy against "
+                             'the bi-tempered loss (t1 0.8, t2 1.2) at 20%% and 40%% symmetric label noise')
+    parser.add_argument('--arms', nargs='+', default=None, choices=list(ARMS), help='default: every arm of the set')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
-    parser.add_argument('--epochs', type=int, default=30)
+    parser.add_argument('--epochs', type=int, default=None, help='default 30 (2 with --cpu-sized)')
     parser.add_argument('--moex-lam', type=float, default=0.5)
     parser.add_argument('--moex-prob', type=float, default=0.25)
     parser.add_argument('--parallel', type=int, default=1, help='runs at a time (they share the device)')
     parser.add_argument('--threads', type=int, default=1, help='OMP threads per run')
     parser.add_argument('--cpu-sized', action='store_true',
-                        help='2,000 train / 1,000 test images, 2 epochs, seed 0, no mixed precision')
+                        help='2,000 train / 1,000 test images, 2 epochs (unless --epochs), seed 0')
     parser.add_argument('--out', type=Path, default=ROOT / 'runs' / 'cifar10_arms')
     parser.add_argument('extra', nargs=argparse.REMAINDER, help='after --: more train_moex.py arguments')
     args = parser.parse_args()
     args.extra = [a for a in args.extra if a != '--']
+    args.arms = args.arms or list(ARM_SETS[args.arm_set])
     if args.cpu_sized:
-        args.epochs, args.seeds = 2, [0]
+        args.epochs, args.seeds = args.epochs or 2, [0]
         args.extra = ['--train-limit', '2000', '--eval-limit', '1000', '--workers', '2', '--batch-size', '64',
                       *args.extra]
+    args.epochs = args.epochs or 30
     if not (args.data_dir / 'train').is_dir():
         sys.exit(f'{args.data_dir}/train is missing: unpack cifar10_jpeg.tar.gz there or pass --data-dir')
 

@@ -123,3 +123,49 @@ def test_train_limit_takes_a_fixed_subset(loader, image_folder):
     targets = lambda ds: [int(ds[i][1]) for i in range(len(ds))]  # noqa: E731
     assert targets(train_set) == targets(again) and set(targets(train_set)) == {0, 1}
     assert train_set[0][0].shape == (3, 32, 32)
+
+
+def test_label_noise_changes_the_asked_fraction_to_other_classes(image_folder):
+    from torchvision import datasets
+    from timm_moex.data import add_label_noise
+    clean = datasets.ImageFolder(str(image_folder / 'train'))
+    noisy = datasets.ImageFolder(str(image_folder / 'train'))
+    changed = add_label_noise(noisy, 0.25, num_classes=2)
+    assert len(changed) == 8  # 25% of 32
+    differs = [i for i, (a, b) in enumerate(zip(clean.targets, noisy.targets)) if a != b]
+    assert sorted(differs) == sorted(changed.tolist())  # a changed label never keeps its class
+    assert [t for _, t in noisy.samples] == noisy.targets
+    again = datasets.ImageFolder(str(image_folder / 'train'))
+    add_label_noise(again, 0.25, num_classes=2)
+    assert again.targets == noisy.targets  # the same draw every time
+
+
+def test_label_noise_reaches_training(image_folder):
+    from timm_moex.config import load_config
+    from timm_moex.data import create_datasets
+    base = ['--dataset', 'imagefolder', '--data-dir', str(image_folder), '--img-size', '32', '--loader', 'device']
+    clean, clean_eval, _ = create_datasets(load_config(base, check_paths=False), torch.device('cpu'))
+    noisy, evaluation, _ = create_datasets(load_config([*base, '--label-noise', '0.5'], check_paths=False),
+                                           torch.device('cpu'))
+    assert (clean.targets != noisy.targets).sum() == 16
+    assert torch.equal(evaluation.targets, clean_eval.targets)  # the eval labels stay clean
+
+
+def test_label_noise_is_independent_of_the_train_subset():
+    """train_limit's subset and the noisy samples are separate draws: the subset holds about rate noisy labels."""
+    from timm_moex.data import _limit, add_label_noise
+
+    class Labels(torch.utils.data.Dataset):
+        classes = [str(i) for i in range(10)]
+
+        def __init__(self):
+            self.targets = [i % 10 for i in range(5000)]
+
+        def __len__(self):
+            return len(self.targets)
+
+    clean, noisy = Labels(), Labels()
+    add_label_noise(noisy, 0.2, 10)
+    subset = _limit(noisy, 1000)
+    fraction = sum(noisy.targets[i] != clean.targets[i] for i in subset.indices) / 1000
+    assert 0.15 < fraction < 0.25

@@ -59,6 +59,8 @@ class TrainConfig:
     download: bool = _f(False, 'let torchvision download CIFAR into data_dir (needs internet)')
     num_classes: Optional[int] = _f(None, 'number of classes; default: from the dataset')
     img_size: Optional[int] = _f(None, 'input size; default 32 for digits/CIFAR, else 224')
+    label_noise: float = _f(0.0, 'symmetric label noise: this fraction of the training labels (a fixed draw, seed 1) '
+                                 'is replaced by a uniformly drawn other class; 0 = clean labels')
     train_limit: int = _f(0, 'train on this many images only, a fixed random subset (seed 0); 0 = all')
     eval_limit: int = _f(0, 'evaluate on this many images only, a fixed random subset (seed 0); 0 = all')
     workers: int = _f(2, 'data loader worker processes per training process')
@@ -325,7 +327,7 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             hint = f' (did you mean {close[0]!r}?)' if close else ''
             raise ConfigError(f'{key}: {value!r} is not one of {", ".join(choices)}{hint}')
 
-    _unit(cfg, 'snapmix_prob', 'moex_lam', 'moex_prob', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'reprob', 'hflip')
+    _unit(cfg, 'label_noise', 'snapmix_prob', 'moex_lam', 'moex_prob', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'reprob', 'hflip')
     _positive(cfg, 'epochs', 'batch_size', 'eval_batch_size', 'grad_accum_steps', 'lr_base_size', 'checkpoint_keep',
               'num_classes', 'img_size')
     _positive(cfg, 'lr', 'lr_base', 'weight_decay', 'momentum', 'mixup', 'cutmix', 'cutout', 'workers',

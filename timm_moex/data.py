@@ -29,8 +29,8 @@ from torchvision import datasets, transforms
 from .config import ConfigError, TrainConfig
 
 __all__ = ['DATASET_STATS', 'check_data_dir', 'load_image', 'DigitsDataset', 'FileListDataset', 'Cutout',
-           'resolve_data_defaults', 'create_transforms', 'resolve_loader', 'create_datasets', 'create_loaders',
-           'create_mixup']
+           'resolve_data_defaults', 'create_transforms', 'resolve_loader', 'add_label_noise', 'create_datasets',
+           'create_loaders', 'create_mixup']
 
 # (mean, std) of each dataset's images.
 DATASET_STATS = {
@@ -236,6 +236,26 @@ def _raw_datasets(cfg: TrainConfig):
     return FileListDataset(readers[0].samples, classes), FileListDataset(readers[1].samples, classes), classes
 
 
+def add_label_noise(dataset: Dataset, rate: float, num_classes: int, seed: int = 1) -> torch.Tensor:
+    """Give ``round(rate * len(dataset))`` samples, drawn with ``seed``, a uniformly drawn other class, in
+    place (``targets`` and, for file datasets, ``samples``). Returns the indices of the changed samples."""
+    samples = getattr(dataset, 'samples', None)
+    targets = torch.as_tensor(list(dataset.targets) if hasattr(dataset, 'targets') else [t for _, t in samples])
+    # Not seed 0: that is the draw of train_limit's subset, and the noisy samples must not be its first ones.
+    g = torch.Generator().manual_seed(seed)
+    changed = torch.randperm(len(targets), generator=g)[:round(rate * len(targets))]
+    # Adding 1..K-1 modulo K never gives back the true class.
+    targets[changed] = (targets[changed] + torch.randint(1, num_classes, (len(changed),), generator=g)) % num_classes
+    noisy = targets.tolist()
+    if hasattr(dataset, 'targets'):
+        dataset.targets = noisy
+    if samples is not None:
+        dataset.samples = [(path, t) for (path, _), t in zip(samples, noisy)]
+        if hasattr(dataset, 'imgs'):
+            dataset.imgs = dataset.samples
+    return changed
+
+
 class _Subset(torch.utils.data.Subset):
     """A Subset that passes ``transform`` to its dataset and keeps its ``classes``."""
 
@@ -285,6 +305,8 @@ def create_datasets(cfg: TrainConfig, device: Optional[torch.device] = None) -> 
     """(train set, eval set, number of classes); with the device loader (:func:`resolve_loader`),
     :class:`~timm_moex.device_data.DeviceImageDataset` s on ``device``."""
     train_set, eval_set, classes = _raw_datasets(cfg)
+    if cfg.label_noise > 0:
+        add_label_noise(train_set, cfg.label_noise, len(classes))
     train_set, eval_set = _limit(train_set, cfg.train_limit), _limit(eval_set, cfg.eval_limit)
     if resolve_loader(cfg, device) == 'device':
         train_set = _to_device_dataset(cfg, train_set, True, device)
