@@ -349,10 +349,6 @@ def test_imagenet_layout_through_timm_create_dataset(tmp_path):
 @pytest.mark.parametrize('model', ['pyramidnet110_a48_moex', 'resnet18_cifar'])
 def test_package_models_with_a_cifar_recipe(model, image_folder, tmp_path):
     """A paper recipe with this package's models (a *_moex variant brings its own hook)."""
-    from timm_moex.config import register_models
-    register_models()
-    if not timm.is_model(model):
-        pytest.skip(f'{model} is not registered with timm (timm_moex.models)')
     out = tmp_path / model
     results = train_moex.main(['--config', str(ROOT / 'hparams' / 'cifar10_pyramidnet110_a48_moex.yaml'),
                                '--model', model, '--dataset', 'imagefolder', '--data-dir', str(image_folder),

@@ -358,13 +358,10 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     import timm
     import timm_moex  # noqa: F401  (registers this package's models)
     from timm.optim import list_optimizers
-    models_error = register_models()
     if not timm.is_model(cfg.model):
         close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.7)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
             " (timm.list_models() lists the known names)"
-        if models_error:
-            hint += f' (timm_moex.models could not be imported: {models_error})'
         raise ConfigError(f'model: timm does not know {cfg.model!r}{hint}')
     if cfg.opt.lower().split('_')[-1] not in list_optimizers():
         close = difflib.get_close_matches(cfg.opt, list_optimizers(), n=3)
@@ -460,16 +457,6 @@ def device_loader_unsupported(cfg: TrainConfig) -> str:
     if cfg.reprob > 0:
         return f'has no RandomErasing (reprob={cfg.reprob})'
     return ''
-
-
-def register_models() -> Optional[str]:
-    """Import timm_moex.models (registering its models with timm); the import error, if any."""
-    import importlib
-    try:
-        importlib.import_module('timm_moex.models')
-    except ImportError as e:
-        return str(e)
-    return None
 
 
 def resolve_output_dir(cfg: TrainConfig) -> str:

@@ -39,7 +39,7 @@ DATASET_STATS = {
     # The PyramidNet / CutMix / MoEx code's values, used there for CIFAR-100.
     'cifar100': ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
 }
-NUM_CLASSES = {'digits': 10, 'cifar10': 10, 'cifar100': 100}
+_SMALL_DATASETS = ('digits', 'cifar10', 'cifar100')  # 32x32 images: no resize, the cifar recipe
 _CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
 _EVAL_SPLITS = ('test', 'val', 'validation')
 
@@ -146,8 +146,7 @@ class Cutout:
 def resolve_data_defaults(cfg: TrainConfig) -> Tuple[int, Tuple[float, ...], Tuple[float, ...], str]:
     """(img_size, mean, std, aug_recipe) with the dataset's defaults filled in."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    small = cfg.dataset in ('digits', 'cifar10', 'cifar100')
-    img_size = cfg.img_size or (32 if small else 224)
+    img_size = cfg.img_size or (32 if cfg.dataset in _SMALL_DATASETS else 224)
     mean, std = DATASET_STATS.get(cfg.dataset, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     mean, std = tuple(cfg.mean or mean), tuple(cfg.std or std)
     recipe = cfg.aug_recipe if cfg.aug_recipe != 'auto' else ('cifar' if img_size <= 64 else 'imagenet')
@@ -172,7 +171,7 @@ def create_transforms(cfg: TrainConfig) -> Tuple[Callable, Callable]:
     from timm.data import create_transform
     from timm.data.random_erasing import RandomErasing
     img_size, mean, std, recipe = resolve_data_defaults(cfg)
-    resize = [] if cfg.dataset in ('digits', 'cifar10', 'cifar100') else \
+    resize = [] if cfg.dataset in _SMALL_DATASETS else \
         [transforms.Resize(img_size), transforms.CenterCrop(img_size)]
     if recipe == 'imagenet':
         common = dict(input_size=img_size, interpolation=cfg.interpolation, mean=mean, std=std, crop_pct=cfg.crop_pct)
@@ -287,9 +286,9 @@ def _to_device_dataset(cfg: TrainConfig, raw: Dataset, train: bool, device) -> '
     if isinstance(raw, _Subset):
         raw, index = raw.dataset, list(raw.indices)
     if isinstance(raw, datasets.CIFAR10):  # CIFAR100 too: the uint8 arrays are in memory already
-        images = torch.from_numpy(raw.data[index]).permute(0, 3, 1, 2).contiguous()
-        if images.shape[-1] != img_size:
-            images = stack_images(list(raw.data[index]), img_size)
+        data = raw.data[index]
+        images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous() if data.shape[1] == img_size else \
+            stack_images(list(data), img_size)
         targets = [raw.targets[i] for i in index]
     elif isinstance(raw, DigitsDataset):
         images, targets = stack_images([raw.images[i] for i in index], img_size), [raw.targets[i] for i in index]

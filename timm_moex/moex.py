@@ -158,16 +158,13 @@ class _MomentExchange(torch.autograd.Function):
             # Mixed dtypes: computed in float32, written in x's dtype, in one pass.
             out = torch.addcmul(mean[perm] - mean * scale, xg, scale, out=torch.empty_like(xg))
         ctx.save_for_backward(xg, perm, mean, std)
-        ctx.dims, ctx.detach = dims, detach
+        ctx.dims, ctx.detach, ctx.count = dims, detach, xg.numel() // mean.numel()
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         xg, perm, mean, std = ctx.saved_tensors
-        dims = ctx.dims
-        count = 1
-        for d in dims:
-            count *= xg.shape[d]
+        dims, count = ctx.dims, ctx.count
         with torch.autocast(xg.device.type, enabled=False):
             xs = xg.to(mean.dtype)
             g_sum = grad.sum(dims, keepdim=True, dtype=mean.dtype)
