@@ -37,7 +37,9 @@ from timm.utils import ModelEmaV3, update_summary
 from tqdm import tqdm
 
 import timm_moex  # noqa: F401  (registers the package's models with timm)
-from timm_moex import BiTemperedLogisticLoss, MoExClassificationTask, SnapMixTask, attach_moex, get_moex_hook
+from timm_moex import AutoMix, AutoMixTask, BiTemperedLogisticLoss, MoExClassificationTask, SnapMixTask, \
+    attach_moex, get_moex_hook
+from timm_moex.automix import parse_feature_layer
 from timm_moex.checkpoint import CheckpointManager, TrainState, export_weights, load_weights, truncate_summary
 from timm_moex.config import ConfigError, atomic_write_text, config_help, load_config, resolve_output_dir, \
     save_config
@@ -65,7 +67,8 @@ def create_model(cfg, num_classes):
     return model
 
 
-def train_one_epoch(epoch, task, model, loader, optimizer, scheduler, mixup, model_ema, state, accelerator, cfg):
+def train_one_epoch(epoch, task, models, loader, optimizer, scheduler, mixup, model_ema, state, accelerator, cfg):
+    model = models[0]  # the classifier; AutoMix's module, when on, follows it (gradient accumulation)
     model.train()
     loader.set_epoch(epoch)  # the shuffle depends on (seed, epoch) only: resumable
     loss_sum = torch.zeros((), device=accelerator.device)  # stays on the device: no sync per step
@@ -78,7 +81,7 @@ def train_one_epoch(epoch, task, model, loader, optimizer, scheduler, mixup, mod
             input = input.contiguous(memory_format=torch.channels_last)
         if mixup is not None:
             input, target = mixup(input, target)  # soft targets, pairs i with B-1-i
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(*models):
             result = task(input, target)  # MoEx (when drawn) + its label mixing
             accelerator.backward(result['loss'])
             if cfg.clip_grad and accelerator.sync_gradients:
@@ -131,9 +134,18 @@ def main(argv=None):
     lr = cfg.lr if cfg.lr is not None else cfg.lr_base * global_batch / cfg.lr_base_size
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, **cfg.opt_kwargs)
+    models = (model,)
+    if cfg.mix == 'automix':  # the Mix Block + momentum encoder: a second prepared module, its own param group
+        automix = AutoMix(model, feature_layer=parse_feature_layer(cfg.automix_feature_layer),
+                          reduction=cfg.automix_reduction, lam_embed=cfg.automix_lam_embed,
+                          upsample=cfg.automix_upsample, momentum=cfg.automix_momentum)
+        optimizer.add_param_group(dict(params=list(automix.mix_block.parameters()), lr=cfg.automix_lr or lr))
+        models = (model, automix)
     if cfg.compile:
         model = torch.compile(model)  # after the hook: a hook added later would not be traced
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    *models, optimizer, train_loader, eval_loader = accelerator.prepare(
+        model, *models[1:], optimizer, train_loader, eval_loader)
+    model = models[0]
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
         decay_milestones=cfg.decay_milestones, decay_rate=cfg.decay_rate, min_lr=cfg.min_lr,
@@ -147,7 +159,14 @@ def main(argv=None):
     common = dict(criterion=criterion, device=accelerator.device, verbose=False,
                   criterion_kwargs=None if criterion is not None else dict(smoothing=cfg.smoothing,
                                                                            soft_targets=mixup is not None))
-    if cfg.snapmix:
+    if cfg.mix == 'automix':
+        accelerator.unwrap_model(models[1]).total_steps = cfg.epochs * len(train_loader)  # momentum/area schedules
+        task = AutoMixTask(model, models[1], alpha=cfg.automix_alpha, lam_margin=cfg.automix_lam_margin,
+                           clean_weight=cfg.automix_clean_weight, area_weight=cfg.automix_area_weight,
+                           area_margin=cfg.automix_area_margin, area_decay=cfg.automix_area_decay,
+                           hook=get_moex_hook(model) if cfg.moex else None, moex_prob=cfg.moex_prob,
+                           moex_lam=cfg.moex_lam, **common)
+    elif cfg.snapmix:
         task = SnapMixTask(model, alpha=cfg.snapmix_alpha, prob=cfg.snapmix_prob,
                            hook=get_moex_hook(model) if cfg.moex else None, moex_prob=cfg.moex_prob,
                            moex_lam=cfg.moex_lam, **common)
@@ -172,12 +191,12 @@ def main(argv=None):
                                                     for k, v in cfg.to_dict().items()})
     accelerator.print(f'{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, '
                       f'{len(train_set)} train / {len(eval_set)} eval images, {accelerator.num_processes} '
-                      f'process(es), global batch {global_batch}, lr {lr:g}, moex={cfg.moex}, '
+                      f'process(es), global batch {global_batch}, lr {lr:g}, moex={cfg.moex}, mix={cfg.mix}, '
                       f'mixed_precision={accelerator.mixed_precision}, output {out}')
 
     # ---- loop ----
     for epoch in range(start_epoch, cfg.epochs + 1):
-        train_metrics = train_one_epoch(epoch, task, model, train_loader, optimizer, scheduler, mixup, model_ema,
+        train_metrics = train_one_epoch(epoch, task, models, train_loader, optimizer, scheduler, mixup, model_ema,
                                         state, accelerator, cfg)
         eval_metrics = evaluate(model, eval_loader, accelerator, cfg.channels_last)
         if model_ema is not None:
@@ -208,7 +227,7 @@ def finish(cfg, out, accelerator, model, model_ema, state):
         export_weights(accelerator.unwrap_model(model, keep_torch_compile=False), out / 'model.safetensors')
         if model_ema is not None:
             export_weights(model_ema.module, out / 'model_ema.safetensors')
-        results = dict(model=cfg.model, dataset=cfg.dataset, epochs=cfg.epochs, moex=cfg.moex,
+        results = dict(model=cfg.model, dataset=cfg.dataset, epochs=cfg.epochs, moex=cfg.moex, mix=cfg.mix,
                        num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
                        last=dict(epoch=state.epoch, **state.last_metrics),
                        best=dict(epoch=state.best_epoch, **state.best_metrics),

@@ -17,8 +17,17 @@ installed). It asserts nothing about who wins.
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --epochs 30 --seeds 0 1 2 --parallel 12
     # CPU-sized (minutes on 2 cores: a 2,000-image subset, 2 epochs, one seed):
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --cpu-sized
+    # Issue 8: learned mixing (AutoMix) against Mixup and MoEx, and the two together.
+    'automix': {
+        'mixup': ['--moex', 'false', '--mixup', '1.0'],
+        'moex': ['--moex', 'true'],
+        'automix': ['--moex', 'false', '--mix', 'automix'],
+        'automix_moex': ['--moex', 'true', '--mix', 'automix'],
+    },
     # Issue 7: cross-entropy against the bi-tempered loss under 20% / 40% symmetric label noise:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set label_noise --cpu-sized
+    # Issue 8: Mixup / MoEx / AutoMix / AutoMix + MoEx:
+    python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set automix --cpu-sized
 
 ``data/cifar10`` is ``../shared/data/cifar10/cifar10_jpeg.tar.gz`` unpacked (train/ and test/).
 """
@@ -43,6 +52,13 @@ ARM_SETS: Dict[str, Dict[str, List[str]]] = {
         'moex': ['--moex', 'true'],
         'cutmix': ['--moex', 'false', '--cutmix', '1.0', '--mixup-prob', '0.5'],
         'cutmix_moex': ['--moex', 'true', '--cutmix', '1.0', '--mixup-prob', '0.5'],
+    },
+    # Issue 8: learned mixing (AutoMix) against Mixup and MoEx, and the two together.
+    'automix': {
+        'mixup': ['--moex', 'false', '--mixup', '1.0'],
+        'moex': ['--moex', 'true'],
+        'automix': ['--moex', 'false', '--mix', 'automix'],
+        'automix_moex': ['--moex', 'true', '--mix', 'automix'],
     },
     # Issue 7: cross-entropy against the bi-tempered loss under symmetric label noise (no MoEx).
     'label_noise': {
@@ -103,7 +119,8 @@ def main() -> None:
     parser.add_argument('--model', default='resnet18_cifar')
     parser.add_argument('--arm-set', default='moex', choices=list(ARM_SETS),
                         help="'moex': baseline / MoEx / CutMix / CutMix + MoEx; 'label_noise': cross-entropy against "
-                             'the bi-tempered loss (t1 0.8, t2 1.2) at 20%% and 40%% symmetric label noise')
+                             'the bi-tempered loss (t1 0.8, t2 1.2) at 20%% and 40%% symmetric label noise; '
+                             "'automix': Mixup (alpha 1) / MoEx / AutoMix / AutoMix + MoEx")
     parser.add_argument('--arms', nargs='+', default=None, choices=list(ARMS), help='default: every arm of the set')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--epochs', type=int, default=None, help='default 30 (2 with --cpu-sized)')

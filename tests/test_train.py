@@ -67,6 +67,9 @@ VARIANTS = {
     'bf16': ['--mixed-precision', 'bf16', '--moex', '--moex-prob', '1.0'],
     'channels_last_autoaugment_cutout': ['--channels-last', '--moex', '--auto-augment', 'cifar10', '--cutout', '8',
                                          '--aug-recipe', 'cifar'],
+    'automix': ['--mix', 'automix'],
+    'automix_moex_bf16_accum': ['--mix', 'automix', '--moex', '--moex-prob', '1.0', '--mixed-precision', 'bf16',
+                                '--grad-accum-steps', '2', '--automix-lr', '0.01'],
     'device_loader_cutmix_moex': ['--loader', 'device', '--img-size', '32', '--channels-last', '--cutout', '8',
                                   '--moex', '--moex-prob', '1.0', '--cutmix', '1.0'],
 }
@@ -79,7 +82,7 @@ def test_two_epoch_runs(variant, run_args, tmp_path):
     rows, saved = check_run(out, ema=variant == 'ema')
     assert results == saved
     moex_frac = [float(r['train_moex_frac']) for r in rows]
-    if variant == 'baseline':
+    if '--moex' not in VARIANTS[variant]:
         assert moex_frac == [0.0, 0.0]
     elif '1.0' in VARIANTS[variant][VARIANTS[variant].index('--moex'):][:3]:  # --moex --moex-prob 1.0
         assert moex_frac == [1.0, 1.0]
@@ -117,6 +120,58 @@ def test_resume_gives_the_uninterrupted_metrics(run_args, tmp_path):
     full_w, part_w = load_file(str(full / 'model.safetensors')), load_file(str(part / 'model.safetensors'))
     for k in full_w:
         torch.testing.assert_close(part_w[k], full_w[k], rtol=1e-5, atol=1e-6)
+
+
+def test_automix_resume_restores_the_mix_block_and_momentum_encoder(run_args, tmp_path, monkeypatch):
+    """AutoMix (+ MoEx) stopped after checkpoint-2 and resumed: epoch 3 and the AutoMix state match the
+    uninterrupted run (whose momentum and mask-area schedules span the same 3 epochs)."""
+    common = ['--mix', 'automix', '--moex', '--moex-prob', '0.5', '--epochs', '3']
+    full, part = tmp_path / 'full', tmp_path / 'part'
+    train_moex.main(run_args(*common, out=full))
+
+    class Stop(Exception):
+        pass
+    save = train_moex.CheckpointManager.save
+
+    def save_then_stop(self, epoch):
+        path = save(self, epoch)
+        if epoch == 2:
+            raise Stop
+        return path
+    monkeypatch.setattr(train_moex.CheckpointManager, 'save', save_then_stop)
+    with pytest.raises(Stop):
+        train_moex.main(run_args(*common, out=part))
+    monkeypatch.undo()
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_moex.main(run_args(*common, '--resume', 'auto', out=part))
+    full_rows, part_rows = read_summary(full), read_summary(part)
+    for key in ('train_loss', 'eval_loss', 'eval_top1_err', 'lr', 'train_moex_frac'):
+        assert float(part_rows[2][key]) == pytest.approx(float(full_rows[2][key]), rel=1e-6, abs=1e-9), key
+    full_am = load_file(str(full / 'checkpoint-3' / 'model_1.safetensors'))
+    part_am = load_file(str(part / 'checkpoint-3' / 'model_1.safetensors'))
+    assert int(full_am['num_updates']) == 3 * 4  # 32 images, batch 8, 3 epochs: one momentum update per step
+    assert {k.split('.')[0] for k in full_am} == {'encoder', 'mix_block', 'num_updates'}
+    for k in full_am:
+        torch.testing.assert_close(part_am[k], full_am[k], rtol=1e-5, atol=1e-6)
+    two = load_file(str(part / 'checkpoint-2' / 'model_1.safetensors'))
+    assert not torch.equal(two['mix_block.value.weight'], full_am['mix_block.value.weight'])  # it trained on
+
+
+def test_automix_config_errors():
+    from timm_moex.config import load_config
+    with pytest.raises(ConfigError, match='mix: AutoMix does its own mixing'):
+        load_config(['--mix', 'automix', '--mixup', '0.2'], check_paths=False)
+    with pytest.raises(ConfigError, match=r"automix_feature_layer: .*no module 'stage9'"):
+        load_config(['--mix', 'automix', '--automix-feature-layer', 'stage9'], check_paths=False)
+    with pytest.raises(ConfigError, match='automix_feature_layer: feature layer 12 is out of range'):
+        load_config(['--mix', 'automix', '--automix-feature-layer', '12'], check_paths=False)
+    with pytest.raises(ConfigError, match="mix: 'auto_mix' is not one of none, automix"):
+        load_config(['--mix', 'auto_mix'], check_paths=False)
+    with pytest.raises(ConfigError, match='automix_lam_margin'):
+        load_config(['--mix', 'automix', '--automix-lam-margin', '0.5'], check_paths=False)
+    cfg = load_config(['--mix', 'automix', '--automix-feature-layer', '-3'], check_paths=False)
+    assert cfg.automix_feature_layer == '-3'
 
 
 def test_new_run_refuses_a_used_output_dir(run_args, tmp_path):
@@ -202,7 +257,9 @@ def test_mixing_plus_moex_is_the_three_term_loss(mix_kwargs):
 
 
 @pytest.mark.skipif(sys.platform != 'linux', reason='gloo DDP on CPU tested on Linux')
-def test_two_process_ddp_writes_one_set_of_outputs(image_folder, tmp_path):
+@pytest.mark.parametrize('extra', [['--moex', '--moex-prob', '1.0', '--cutmix', '1.0'],
+                                   ['--mix', 'automix', '--moex', '--moex-prob', '1.0']], ids=['cutmix_moex', 'automix'])
+def test_two_process_ddp_writes_one_set_of_outputs(extra, image_folder, tmp_path):
     out = tmp_path / 'ddp'
     env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
@@ -210,7 +267,7 @@ def test_two_process_ddp_writes_one_set_of_outputs(image_folder, tmp_path):
            str(ROOT / 'train_moex.py'),
            '--dataset', 'imagefolder', '--data-dir', str(image_folder), '--model', 'resnet10t', '--epochs', '2',
            '--batch-size', '4', '--workers', '0', '--lr', '0.05', '--output-dir', str(out), '--progress', 'false',
-           '--moex', '--moex-prob', '1.0', '--cutmix', '1.0']
+           *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows, results = check_run(out)

@@ -3,6 +3,7 @@
 Importing the package registers its models (the PyramidNet family, CIFAR baselines and the
 ``*_moex`` variants) with timm.
 """
+from .automix import AutoMix, AutoMixTask, MixBlock, mask_area_loss
 from .bitempered import BiTemperedLogisticLoss, bi_tempered_logistic_loss, tempered_softmax
 from .hooks import STEM_LAYERS, MoExHook, attach_moex, get_moex_hook, resolve_moex_layer
 from .losses import MoExLoss
@@ -20,4 +21,5 @@ __all__ = [
     'create_model', 'is_moex_variant', 'register_moex_variant',
     'BiTemperedLogisticLoss', 'bi_tempered_logistic_loss', 'tempered_softmax',
     'SnapMixTask', 'snapmix_boxes', 'snapmix_weights',
+    'AutoMix', 'AutoMixTask', 'MixBlock', 'mask_area_loss',
 ]

@@ -39,6 +39,7 @@ MIXUP_MODES = ('batch', 'pair', 'elem')
 TRACKERS = ('tensorboard',)
 LOADERS = ('auto', 'workers', 'device')
 LOSSES = ('ce', 'bi_tempered')
+MIX_METHODS = ('none', 'automix')
 
 
 def _f(default, doc: str, choices: Optional[Sequence] = None):
@@ -101,6 +102,25 @@ class TrainConfig:
     snapmix: bool = _f(False, 'SnapMix (Huang et al. 2021) through SnapMixTask; with moex, one shared pairing')
     snapmix_alpha: float = _f(5.0, 'SnapMix: Beta(alpha, alpha) of the box sizes')
     snapmix_prob: float = _f(1.0, 'SnapMix: probability that a batch is mixed')
+    mix: str = _f('none', "learned mixing: 'none' or 'automix' (AutoMix, Liu et al. 2022, through AutoMixTask: a Mix "
+                          "Block trained through a momentum encoder; with moex, one shared pairing)", MIX_METHODS)
+    automix_alpha: float = _f(2.0, 'AutoMix: Beta(alpha, alpha) of lam')
+    automix_feature_layer: str = _f('-2', "AutoMix: module whose output feeds the Mix Block, a dotted module name or "
+                                          "an index into the model's feature_info written as a string ('-2': the "
+                                          "stage before the last, e.g. a ResNet's layer3)")
+    automix_reduction: int = _f(2, 'AutoMix: the Mix Block projects the features to channels / reduction')
+    automix_lam_embed: str = _f('concat', "AutoMix: lam enters the Mix Block as an extra channel ('concat') or as a "
+                                          "scale of the features ('mul')", ('concat', 'mul'))
+    automix_upsample: str = _f('nearest', 'AutoMix: upsampling of the mask to the image size', ('nearest', 'bilinear'))
+    automix_momentum: float = _f(0.999, 'AutoMix: momentum of the momentum encoder at the start (rises to 1 on a '
+                                        'cosine over the run)')
+    automix_lam_margin: float = _f(0.08, 'AutoMix: plain Mixup for the model when lam or 1 - lam is at most this')
+    automix_clean_weight: float = _f(1.0, 'AutoMix: weight of the loss on the clean images (0 = none)')
+    automix_area_weight: float = _f(0.1, 'AutoMix: weight of the mask-area loss |mean(mask) - lam|')
+    automix_area_margin: float = _f(0.1, 'AutoMix: margin of the mask-area loss')
+    automix_area_decay: bool = _f(True, 'AutoMix: the mask-area weight decays to 0 on a cosine over the run')
+    automix_lr: Optional[float] = _f(None, "AutoMix: learning rate of the Mix Block's parameter group; default the "
+                                           "model's (both follow the schedule)")
 
     # --- MoEx ---
     moex: bool = _f(False, 'Moment Exchange on (MoExClassificationTask)')
@@ -343,6 +363,18 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     if cfg.snapmix and cfg.mixing:
         raise ConfigError(f'snapmix: SnapMix does its own mixing; turn mixup/cutmix off (mixup={cfg.mixup}, '
                           f'cutmix={cfg.cutmix})')
+    if cfg.mix == 'automix':
+        if cfg.mixing or cfg.snapmix:
+            raise ConfigError(f'mix: AutoMix does its own mixing; turn mixup/cutmix/snapmix off (mixup={cfg.mixup}, '
+                              f'cutmix={cfg.cutmix}, snapmix={cfg.snapmix})')
+        if not cfg.automix_alpha > 0:
+            raise ConfigError(f'automix_alpha: must be positive, got {cfg.automix_alpha!r}')
+        if not 0 <= cfg.automix_lam_margin < 0.5:
+            raise ConfigError(f'automix_lam_margin: must be in [0, 0.5), got {cfg.automix_lam_margin!r}')
+        if cfg.automix_reduction < 1:
+            raise ConfigError(f'automix_reduction: must be a positive integer, got {cfg.automix_reduction!r}')
+        _unit(cfg, 'automix_momentum', 'automix_area_margin')
+        _positive(cfg, 'automix_clean_weight', 'automix_area_weight', 'automix_lr', zero_ok=True)
     if cfg.mixing and cfg.batch_size % 2:
         raise ConfigError(f'batch_size: {cfg.batch_size} is odd, but Mixup/CutMix (mixup={cfg.mixup}, '
                           f'cutmix={cfg.cutmix}) pairs sample i with sample B-1-i and needs an even batch size')
@@ -435,6 +467,12 @@ def _check_model_build(cfg: TrainConfig) -> None:
             cam_classifier(model)
         except ValueError as e:
             raise ConfigError(f'snapmix: {e}') from None
+    if cfg.mix == 'automix':
+        from .automix import parse_feature_layer, resolve_feature_layer
+        try:
+            resolve_feature_layer(model, parse_feature_layer(cfg.automix_feature_layer))
+        except ValueError as e:
+            raise ConfigError(f'automix_feature_layer: {e}') from None
     if cfg.moex and get_moex_hook(model) is None:
         try:
             resolve_moex_layer(model, cfg.moex_layer)

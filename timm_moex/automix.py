@@ -1,0 +1,502 @@
+"""AutoMix: a mixing mask learned by a small cross-attention Mix Block, trained through a momentum encoder.
+
+Liu, Li, Zang, Wang, Wu, Zhou, Li, "AutoMix: Unveiling the Power of Mixup for Stronger
+Classifiers", ECCV 2022. For a batch ``x`` with pairing ``perm`` and ``lam ~ Beta(2, 2)``:
+
+* the momentum (EMA) copy of the encoder gives mid-level feature maps ``z`` of ``x``
+  (the output of the stage before the last by default: a ResNet's third stage);
+* the Mix Block embeds ``lam`` into ``z_i`` and ``1 - lam`` into ``z_perm[i]`` (one extra
+  constant channel each, the released configs' choice), projects both with one shared 1x1
+  convolution (query = key projection), takes the scaled dot-product attention ``P`` between
+  the positions of the two maps (softmax over the partner's positions), and a 1x1 "value"
+  convolution of ``z_i`` to one channel ``v``; the mask logits at the partner's position q are
+  ``sum_p v[p] P[p, q]``, upsampled to the image size and put through a sigmoid;
+* the mixed image is ``M * x_i + (1 - M) * x_perm[i]`` with the label ``lam * y_i + (1 - lam) * y_perm[i]``.
+
+Training has two decoupled flows in one backward pass (the "momentum pipeline"):
+
+* the Mix Block learns from the mixup loss of its mixed images through the momentum encoder,
+  whose weights take no gradient, plus a mask-area loss ``max(|mean(M) - lam| - margin, 0)``
+  (weight 0.1, margin 0.1, decaying to 0 over training on a cosine);
+* the online encoder learns from mixed images made with the Mix Block's mask detached (its
+  own ``lam`` and pairing, as in the released code), plus a plain loss on the clean images;
+  when ``lam`` or ``1 - lam`` is at most ``lam_margin`` (0.08) the online encoder gets plain
+  Mixup images instead.
+
+The momentum encoder follows the online one with a momentum rising on a cosine from 0.999
+towards 1 over training. :class:`AutoMix` holds the Mix Block and the momentum encoder (one
+module for DDP, the optimizer's extra parameter group and the checkpoint);
+:class:`AutoMixTask` is the timm training task that draws ``lam`` and the pairings and adds
+the losses, optionally with MoEx on the online encoder's stem (same pairing as the mixing).
+"""
+import copy
+import logging
+import math
+import re
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.task import ClassificationTask
+
+from .hooks import MoExHook, _unwrap, get_moex_hook
+from .losses import MoExLoss
+from .tasks import PAIRINGS, _check_unit_interval
+
+__all__ = ['AutoMix', 'AutoMixTask', 'MixBlock', 'mask_area_loss', 'mix_images', 'resolve_feature_layer',
+           'parse_feature_layer', 'cosine_ramp', 'LAM_EMBEDS', 'UPSAMPLE_MODES']
+
+_logger = logging.getLogger(__name__)
+
+LAM_EMBEDS = ('concat', 'mul')
+UPSAMPLE_MODES = ('nearest', 'bilinear')
+_ACCEPTED = ('accepted: a timm CNN with feature_info, whose stages give (B, C, H, W) maps (ResNet, ResNeXt, '
+             'ConvNeXt, RegNet, EfficientNet, DenseNet, resnet18_cifar, PyramidNet, ...)')
+
+
+def cosine_ramp(step: int, total: Optional[int]) -> float:
+    """1 at ``step`` 0 falling on a half cosine to 0 at ``total`` (and after); 1 throughout when ``total`` is None."""
+    if not total:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
+
+
+def parse_feature_layer(text: str) -> Union[int, str]:
+    """'-2' -> -2 (a feature_info index); any other text is a module name."""
+    text = text.strip()
+    return int(text) if re.fullmatch(r'[+-]?\d+', text) else text
+
+
+def resolve_feature_layer(model: nn.Module, layer: Union[int, str] = -2) -> str:
+    """The name of the module whose output feeds the Mix Block.
+
+    ``layer`` is an index into ``model.feature_info`` (negative from the end; the default -2 is
+    the stage before the last: a ResNet's or ConvNeXt's third stage, as in the paper) or a
+    dotted module name.
+    """
+    model = _unwrap(model)
+    name = type(model).__name__
+    if isinstance(layer, bool) or not isinstance(layer, (int, str)):
+        raise TypeError(f'feature layer must be an index into feature_info or a module name; got {layer!r}')
+    if isinstance(layer, str):
+        try:
+            model.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(f'{name} has no module {layer!r}; its top-level modules are '
+                             f'{[n for n, _ in model.named_children()]}') from None
+        return layer
+    info = getattr(model, 'feature_info', None)
+    if not isinstance(info, (list, tuple)) or not info:
+        raise ValueError(f'AutoMix needs intermediate feature maps, but {name} exposes no feature_info; {_ACCEPTED}')
+    if not -len(info) <= layer < len(info):
+        raise ValueError(f'feature layer {layer} is out of range for {name}, which has {len(info)} feature_info '
+                         f'entries (indices {-len(info)} to {len(info) - 1})')
+    return info[layer]['module']
+
+
+class _TapReached(Exception):
+    """Raised by the feature tap to end the forward pass at the tapped module."""
+
+
+class MixBlock(nn.Module):
+    """Predicts the mixing mask of each pair from their feature maps and ``lam``.
+
+    ``forward(features, perm, lam, size)`` returns the mask ``M`` (B, 1, *size) in [0, 1],
+    float32: the weight of image i, ``1 - M`` being that of image ``perm[i]``.
+
+    Args:
+        in_chs: Channels of the feature maps.
+        reduction: The query/key projection has ``in_chs // reduction`` channels.
+        lam_embed: 'concat' (a constant channel of ``lam`` / ``1 - lam``, the released AutoMix
+            configs) or 'mul' (the maps scaled by ``lam`` / ``1 - lam``, the paper's formula).
+        upsample: 'nearest' or 'bilinear' upsampling of the mask logits to the image size.
+        init_std: Standard deviation of the normal init of the 1x1 convolutions (zero biases),
+            so that the first masks are close to 0.5 everywhere.
+    """
+
+    def __init__(self, in_chs: int, reduction: int = 2, lam_embed: str = 'concat', upsample: str = 'nearest',
+                 init_std: float = 0.01):
+        super().__init__()
+        if isinstance(in_chs, bool) or not isinstance(in_chs, int) or in_chs < 1:
+            raise ValueError(f'in_chs must be a positive integer; got {in_chs!r}')
+        if isinstance(reduction, bool) or not isinstance(reduction, int) or not 1 <= reduction <= in_chs:
+            raise ValueError(f'reduction must be an integer in [1, in_chs={in_chs}]; got {reduction!r}')
+        if lam_embed not in LAM_EMBEDS:
+            raise ValueError(f'lam_embed must be one of {LAM_EMBEDS}; got {lam_embed!r}')
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f'upsample must be one of {UPSAMPLE_MODES}; got {upsample!r}')
+        self.lam_embed = lam_embed
+        self.upsample = upsample
+        embed_chs = in_chs + (lam_embed == 'concat')
+        self.inner_chs = in_chs // reduction
+        self.query = nn.Conv2d(embed_chs, self.inner_chs, 1)  # shared by both maps: query and key
+        self.value = nn.Conv2d(embed_chs, 1, 1)
+        for conv in (self.query, self.value):
+            nn.init.normal_(conv.weight, std=init_std)
+            nn.init.zeros_(conv.bias)
+
+    def _embed(self, z: torch.Tensor, lam: float) -> torch.Tensor:
+        if self.lam_embed == 'mul':
+            return z * lam
+        return torch.cat([z, z.new_full((z.shape[0], 1, *z.shape[2:]), lam)], dim=1)
+
+    def forward(self, features: torch.Tensor, perm: torch.Tensor, lam: float, size: Tuple[int, int]) -> torch.Tensor:
+        if features.dim() != 4:
+            raise ValueError(f'MixBlock needs (B, C, H, W) feature maps; got shape {tuple(features.shape)}')
+        b, _, h, w = features.shape
+        z_a = self._embed(features, lam)
+        z_b = self._embed(features[perm], 1.0 - lam)
+        q = self.query(z_a).flatten(2).float()  # (B, C', N): positions of image i
+        k = self.query(z_b).flatten(2).float()  # (B, C', N): positions of its partner
+        v = self.value(z_a).flatten(2).float()  # (B, 1, N)
+        # float32 from here on, autocast or not: the N x N logits overflow in fp16 with large features
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            attn = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(self.inner_chs), dim=-1)  # (B, N_i, N_partner)
+            logits = (v @ attn).view(b, 1, h, w)
+            if (h, w) != tuple(size):
+                kwargs = dict(align_corners=False) if self.upsample == 'bilinear' else {}
+                logits = F.interpolate(logits, size=tuple(size), mode=self.upsample, **kwargs)
+            return torch.sigmoid(logits)
+
+
+def mask_area_loss(mask: torch.Tensor, lam: float, margin: float = 0.1) -> torch.Tensor:
+    """``mean_i max(|mean(M_i) - lam| - margin, 0)``: keeps each mask's area near ``lam``."""
+    area = mask.flatten(1).float().mean(1)
+    return F.relu((area - lam).abs() - margin).mean()
+
+
+def mix_images(x: torch.Tensor, perm: torch.Tensor, mask: Union[torch.Tensor, float]) -> torch.Tensor:
+    """``mask * x + (1 - mask) * x[perm]`` in x's dtype; ``mask`` (B, 1, H, W) or a number (plain Mixup)."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.to(x.dtype)
+    partner = x[perm]
+    return partner + mask * (x - partner)
+
+
+class AutoMix(nn.Module):
+    """The parts of AutoMix that live beside the model: the Mix Block and the momentum encoder.
+
+    One module so that DDP wraps it once (the Mix Block's gradients are averaged; the momentum
+    encoder's weights take no gradient), the optimizer gets the Mix Block's parameters as their
+    own group, and ``state_dict`` carries everything a resume needs (``num_updates`` too).
+
+    Args:
+        model: The online encoder (a timm CNN); a deep copy of it, without its MoEx hook,
+            becomes the momentum encoder. Build this before ``torch.compile`` / DDP-wrapping
+            the model, or pass the wrapped model (it is unwrapped).
+        feature_layer: See :func:`resolve_feature_layer`.
+        reduction, lam_embed, upsample: See :class:`MixBlock`.
+        momentum: The momentum at the start; it rises on a cosine to 1 at ``total_steps``.
+        total_steps: Number of :meth:`update_momentum` calls of the run (training forwards);
+            None keeps ``momentum`` constant.
+        input_size: (C, H, W) of the dry run that finds the feature maps' channels; default the
+            model's ``pretrained_cfg['input_size']``.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            feature_layer: Union[int, str] = -2,
+            reduction: int = 2,
+            lam_embed: str = 'concat',
+            upsample: str = 'nearest',
+            momentum: float = 0.999,
+            total_steps: Optional[int] = None,
+            input_size: Optional[Tuple[int, int, int]] = None,
+    ):
+        super().__init__()
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f'momentum must be a number in [0, 1]; got {momentum!r}')
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
+            raise ValueError(f'total_steps must be a positive integer or None; got {total_steps!r}')
+        online = _unwrap(model)
+        self.feature_layer = resolve_feature_layer(online, feature_layer)
+        self.base_momentum = float(momentum)
+        self.total_steps = total_steps
+        self.encoder = _momentum_copy(online)
+        self._nhwc = getattr(online, 'output_fmt', 'NCHW') == 'NHWC'
+        channels = self._probe_channels(online, input_size)
+        self.mix_block = MixBlock(channels, reduction=reduction, lam_embed=lam_embed, upsample=upsample)
+        param = next(online.parameters())
+        self.mix_block.to(device=param.device, dtype=param.dtype)
+        # The count lives in the state_dict (resume) and, mirrored, on the host: reading a
+        # device buffer every step would synchronize with the GPU.
+        self.register_buffer('num_updates', torch.zeros((), dtype=torch.long, device=param.device))
+        self._updates = 0
+        self.register_load_state_dict_post_hook(_mirror_update_count)
+
+    def _probe_channels(self, online: nn.Module, input_size: Optional[Tuple[int, int, int]]) -> int:
+        input_size = input_size or getattr(online, 'pretrained_cfg', {}).get('input_size') or (3, 224, 224)
+        param = next(online.parameters())
+        was_training = self.encoder.training
+        self.encoder.eval()
+        try:
+            with torch.no_grad():
+                features = self.features(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+        finally:
+            self.encoder.train(was_training)
+        return features.shape[1]
+
+    def features(self, input: torch.Tensor) -> torch.Tensor:
+        """The momentum encoder's (B, C, H, W) maps at ``feature_layer`` (the rest of the forward is skipped)."""
+        found = []
+
+        def tap(module, args, output):
+            found.append(output)
+            raise _TapReached
+
+        handle = self.encoder.get_submodule(self.feature_layer).register_forward_hook(tap)
+        try:
+            self.encoder(input)
+        except _TapReached:
+            pass
+        finally:
+            handle.remove()
+        if not found:
+            raise RuntimeError(f'the forward pass of {type(self.encoder).__name__} never ran {self.feature_layer!r}')
+        z = found[0]
+        if not isinstance(z, torch.Tensor) or z.dim() != 4:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f'AutoMix needs (B, C, H, W) feature maps, but {self.feature_layer!r} of '
+                             f'{type(self.encoder).__name__} gives {shape}; {_ACCEPTED}')
+        return z.permute(0, 3, 1, 2) if self._nhwc else z
+
+    @property
+    def ramp(self) -> float:
+        """:func:`cosine_ramp` at the number of updates so far: 1 at the start, 0 at ``total_steps``."""
+        return cosine_ramp(self._updates, self.total_steps)
+
+    @property
+    def momentum(self) -> float:
+        """The momentum of the next update."""
+        return 1.0 - (1.0 - self.base_momentum) * self.ramp
+
+    @property
+    def progress(self) -> float:
+        """Fraction of ``total_steps`` done (0 when there is no schedule)."""
+        return min(self._updates / self.total_steps, 1.0) if self.total_steps else 0.0
+
+    @torch.no_grad()
+    def update_momentum(self, model: nn.Module) -> None:
+        """Move the momentum encoder towards ``model`` (the first call copies it); buffers are copied."""
+        online = _unwrap(model)
+        mine = list(self.encoder.parameters())
+        theirs = list(online.parameters())
+        if len(mine) != len(theirs):
+            raise ValueError(f'{type(online).__name__} does not match the momentum encoder '
+                             f'({len(theirs)} vs {len(mine)} parameter tensors)')
+        if self._updates == 0:
+            for a, b in zip(mine, theirs):
+                a.copy_(b)
+        else:
+            torch._foreach_lerp_(mine, theirs, 1.0 - self.momentum)
+        for a, b in zip(self.encoder.buffers(), online.buffers()):
+            a.copy_(b)
+        self._updates += 1
+        self.num_updates.fill_(self._updates)
+
+    def forward(self, input: torch.Tensor, perm_mb: torch.Tensor, lam_mb: float, perm: torch.Tensor,
+                lam: float) -> Dict[str, torch.Tensor]:
+        """The Mix Block's two masks and its training signal.
+
+        Returns 'mask_mb' (B, 1, H, W) for the pairing ``perm_mb`` and ``lam_mb``, with the
+        gradient to the Mix Block; 'logits_mb', the momentum encoder's logits of the images
+        mixed with it; and 'mask', the detached mask for the online encoder's pairing ``perm``
+        and ``lam``.
+        """
+        with torch.no_grad():
+            z = self.features(input)
+        size = input.shape[-2:]
+        mask_mb = self.mix_block(z, perm_mb, lam_mb, size)
+        with torch.no_grad():
+            mask = self.mix_block(z, perm, lam, size)
+        logits_mb = self.encoder(mix_images(input, perm_mb, mask_mb))
+        return {'mask_mb': mask_mb, 'logits_mb': logits_mb, 'mask': mask}
+
+
+def _mirror_update_count(module: AutoMix, incompatible_keys) -> None:
+    module._updates = int(module.num_updates)
+
+
+def _momentum_copy(model: nn.Module) -> nn.Module:
+    encoder = copy.deepcopy(model)
+    hook = get_moex_hook(encoder)
+    if hook is not None:  # the momentum encoder sees whole images: never moment-exchanged
+        hook.remove()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder
+
+
+class AutoMixTask(ClassificationTask):
+    """Classification with AutoMix (and, optionally, MoEx on the online encoder's stem).
+
+    Each training batch: ``lam_mb, lam ~ Beta(alpha, alpha)`` and two pairings (the Mix
+    Block's and the online encoder's); the momentum encoder is updated from the online one;
+    then one forward of :class:`AutoMix` and one of the model, on the mixed images followed by
+    the clean ones (one batch of 2B: one DDP forward). The loss is
+
+        mixup_loss(online(mixed), y, perm, lam) + clean_weight * loss(online(x), y)
+        + mixup_loss(momentum(mixed_mb), y, perm_mb, lam_mb) + w_area * mask_area_loss(M_mb, lam_mb)
+
+    with ``mixup_loss(out, y, perm, lam) = lam * loss(out, y) + (1 - lam) * loss(out, y[perm])``
+    and ``w_area = area_weight`` times a cosine from 1 to 0 over ``automix.total_steps`` when
+    ``area_decay``. Only the Mix Block gets the last two terms' gradients.
+
+    With MoEx (``hook`` given, drawn with ``moex_prob``): the mixed sample i takes the stem
+    moments of the mixed sample ``perm[i]`` (the same pairing; the clean half is not
+    exchanged), and its loss is ``moex_lam * mixup_loss(out, y, perm, lam) + (1 - moex_lam) *
+    mixup_loss(out, y[perm], perm, lam)``: the MoEx loss with the donor's mixed label
+    ``lam * y_perm[i] + (1 - lam) * y_perm[perm[i]]`` as the second target.
+
+    Args:
+        model: The online encoder.
+        automix: Its :class:`AutoMix` (possibly DDP-wrapped), built with defaults when None.
+        alpha: Beta(alpha, alpha) of lam (the paper: 2).
+        lam_margin: Plain Mixup for the online encoder when lam or 1 - lam is at most this.
+        clean_weight: Weight of the loss on the clean images (0 skips them).
+        area_weight, area_margin, area_decay: The mask-area loss.
+        pairing: 'random' (random permutations) or 'flip' (i with B-1-i).
+        hook, moex_prob, moex_lam: MoEx on the online encoder (hook None: no MoEx).
+        criterion, criterion_kwargs, device, dtype, verbose: as ``timm.task.ClassificationTask``
+            (targets are class indices).
+
+    The result dict holds 'loss', 'output' (the logits of the mixed images), 'automix',
+    'moex', 'lam', 'perm', 'plain_mixup' (lam was within the margin), 'mask_area' (mean of
+    the Mix Block's training mask), and the loss terms 'mix_loss', 'clean_loss',
+    'mix_block_loss' and 'area_loss' (detached).
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            automix: Optional[nn.Module] = None,
+            alpha: float = 2.0,
+            lam_margin: float = 0.08,
+            clean_weight: float = 1.0,
+            area_weight: float = 0.1,
+            area_margin: float = 0.1,
+            area_decay: bool = True,
+            pairing: str = 'random',
+            hook: Optional[MoExHook] = None,
+            moex_prob: float = 0.25,
+            moex_lam: float = 0.5,
+            criterion: Optional[Union[nn.Module, Callable]] = None,
+            criterion_kwargs: Optional[Dict[str, Any]] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+    ):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise ValueError(f'alpha must be a finite number > 0 (Beta(alpha, alpha); the paper uses 2); got {alpha!r}')
+        lam_margin = _check_unit_interval('lam_margin', lam_margin)
+        if lam_margin >= 0.5:
+            raise ValueError(f'lam_margin must be below 0.5 (else every batch is plain Mixup); got {lam_margin}')
+        for name, value in (('clean_weight', clean_weight), ('area_weight', area_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f'{name} must be a finite number >= 0; got {value!r}')
+        area_margin = _check_unit_interval('area_margin', area_margin)
+        moex_prob = _check_unit_interval('moex_prob', moex_prob)
+        moex_lam = _check_unit_interval('moex_lam', moex_lam)
+        if pairing not in PAIRINGS:
+            raise ValueError(f'pairing must be one of {PAIRINGS}; got {pairing!r}')
+        if hook is not None and not isinstance(hook, MoExHook):
+            raise TypeError(f'hook must be a timm_moex MoExHook (see get_moex_hook) or None; got {type(hook).__name__}')
+        if automix is None:
+            automix = AutoMix(model)
+        elif not isinstance(_unwrap(automix), AutoMix):
+            raise TypeError(f'automix must be a timm_moex AutoMix (possibly DDP-wrapped); got {type(automix).__name__}')
+        super().__init__(model, criterion=criterion, criterion_kwargs=criterion_kwargs,
+                         device=device, dtype=dtype, verbose=verbose)
+        self.automix = automix
+        self.alpha = float(alpha)
+        self.lam_margin = lam_margin
+        self.clean_weight = float(clean_weight)
+        self.area_weight = float(area_weight)
+        self.area_margin = area_margin
+        self.area_decay = bool(area_decay)
+        self.pairing = pairing
+        self.hook = hook
+        self.moex_prob = moex_prob
+        self.moex_lam = moex_lam
+        self.mixup_loss = MoExLoss(self.criterion)  # lam * l(y) + (1 - lam) * l(y[perm])
+        if self.verbose:
+            moex = f', {hook}, moex_prob={moex_prob}, moex_lam={moex_lam}' if hook is not None else ''
+            _logger.info(f'{type(self).__name__}: alpha={self.alpha}, feature layer '
+                         f'{_unwrap(automix).feature_layer!r}, pairing={pairing}{moex}')
+
+    def _perm(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        if self.pairing == 'flip':
+            return torch.arange(batch_size - 1, -1, -1, device=device)
+        return torch.randperm(batch_size, device=device)
+
+    def _area_weight(self, automix: AutoMix) -> float:
+        if not self.area_decay:
+            return self.area_weight
+        return self.area_weight * automix.ramp
+
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'AutoMixTask':
+        """Wrap the model and the AutoMix module (the Mix Block's gradients) in DDP."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        super().prepare_distributed(device_ids=device_ids, **ddp_kwargs)
+        self.automix = DDP(self.automix, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        """The Mix Block, the momentum encoder and the update count (timm checkpoints' 'task_state')."""
+        return {} if ema else {'automix': _unwrap(self.automix).state_dict()}
+
+    def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True, module: Optional[nn.Module] = None,
+                        ema: bool = False) -> None:
+        if ema or not state:
+            return
+        if 'automix' not in state:
+            if strict:
+                raise KeyError(f"task state has no 'automix' entry (keys: {sorted(state)})")
+            return
+        _unwrap(self.automix).load_state_dict(state['automix'], strict=strict)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
+        if not self.get_trainable_module().training:
+            output = self.trainable_module(input)
+            return {'loss': self.criterion(output, target), 'output': output, 'automix': False, 'moex': False}
+        batch_size = input.shape[0]
+        lam_mb, lam = torch.distributions.Beta(self.alpha, self.alpha).sample((2,)).tolist()
+        perm_mb, perm = self._perm(batch_size, input.device), self._perm(batch_size, input.device)
+        automix = _unwrap(self.automix)
+        automix.train()
+        area_weight = self._area_weight(automix)
+        automix.update_momentum(self.trainable_module)
+
+        mixer = self.automix(input, perm_mb, lam_mb, perm, lam)
+        mix_block_loss = self.mixup_loss(mixer['logits_mb'], target, perm_mb, lam_mb)
+        area_loss = mask_area_loss(mixer['mask_mb'], lam_mb, self.area_margin)
+
+        plain = min(lam, 1.0 - lam) <= self.lam_margin
+        mixed = mix_images(input, perm, lam if plain else mixer['mask'])
+        batch = torch.cat([mixed, input]) if self.clean_weight > 0 else mixed
+        moex = self.hook is not None and (self.moex_prob == 1.0 or torch.rand(()).item() < self.moex_prob)
+        if moex:  # the clean half keeps its own moments (the identity pairing)
+            donors = perm if batch.shape[0] == batch_size else torch.cat(
+                [perm, torch.arange(batch_size, 2 * batch_size, device=perm.device)])
+            self.hook.arm(donors)
+        output = self.trainable_module(batch)
+        out_mix, out_clean = output[:batch_size], output[batch_size:]
+
+        mix_loss = self.mixup_loss(out_mix, target, perm, lam)
+        if moex and self.moex_lam < 1.0:
+            mix_loss = self.moex_lam * mix_loss + (1.0 - self.moex_lam) * self.mixup_loss(
+                out_mix, target[perm], perm, lam)
+        loss = mix_loss + mix_block_loss + area_weight * area_loss
+        clean_loss = None
+        if self.clean_weight > 0:
+            clean_loss = self.criterion(out_clean, target)
+            loss = loss + self.clean_weight * clean_loss
+        return {
+            'loss': loss, 'output': out_mix, 'automix': True, 'moex': moex, 'lam': lam, 'perm': perm,
+            'plain_mixup': plain, 'mask_area': mixer['mask_mb'].detach().mean(),
+            'mix_loss': mix_loss.detach(), 'clean_loss': clean_loss.detach() if clean_loss is not None else None,
+            'mix_block_loss': mix_block_loss.detach(), 'area_loss': area_loss.detach(),
+        }
