@@ -15,8 +15,18 @@ installed). It asserts nothing about who wins.
 
     # GPU (the figures of the README):
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --epochs 30 --seeds 0 1 2 --parallel 12
-    # CPU-sized (minutes on 2 cores: a 2,000-image subset, 2 epochs, one seed):
+    # CPU-sized (minutes on 2 cores: a 1,000-image subset, 8 epochs, one seed):
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --cpu-sized
+    # Issue 5: a small sweep of MoEx's lam, prob, layer and norm around the paper's CIFAR values (lam 0.5, prob 0.25).
+    'moex_sweep': {
+        'baseline': ['--moex', 'false'],
+        'moex': ['--moex', 'true'],
+        'moex_prob0.5': ['--moex', 'true', '--moex-prob', '0.5'],
+        'moex_prob1_lam0.9': ['--moex', 'true', '--moex-prob', '1.0', '--moex-lam', '0.9'],
+        'moex_lam0.9': ['--moex', 'true', '--moex-lam', '0.9'],
+        'moex_layer1': ['--moex', 'true', '--moex-layer', 'layer1'],
+        'moex_norm_in': ['--moex', 'true', '--moex-norm', 'in'],
+    },
     # Issue 8: learned mixing (AutoMix) against Mixup and MoEx, and the two together.
     'automix': {
         'mixup': ['--moex', 'false', '--mixup', '1.0'],
@@ -26,6 +36,8 @@ installed). It asserts nothing about who wins.
     },
     # Issue 7: cross-entropy against the bi-tempered loss under 20% / 40% symmetric label noise:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set label_noise --cpu-sized
+    # Issue 5: MoEx's lam / prob / layer / norm around the paper's CIFAR values:
+    python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set moex_sweep --epochs 100 --parallel 7
     # Issue 8: Mixup / MoEx / AutoMix / AutoMix + MoEx:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set automix --cpu-sized
 
@@ -52,6 +64,16 @@ ARM_SETS: Dict[str, Dict[str, List[str]]] = {
         'moex': ['--moex', 'true'],
         'cutmix': ['--moex', 'false', '--cutmix', '1.0', '--mixup-prob', '0.5'],
         'cutmix_moex': ['--moex', 'true', '--cutmix', '1.0', '--mixup-prob', '0.5'],
+    },
+    # Issue 5: a small sweep of MoEx's lam, prob, layer and norm around the paper's CIFAR values (lam 0.5, prob 0.25).
+    'moex_sweep': {
+        'baseline': ['--moex', 'false'],
+        'moex': ['--moex', 'true'],
+        'moex_prob0.5': ['--moex', 'true', '--moex-prob', '0.5'],
+        'moex_prob1_lam0.9': ['--moex', 'true', '--moex-prob', '1.0', '--moex-lam', '0.9'],
+        'moex_lam0.9': ['--moex', 'true', '--moex-lam', '0.9'],
+        'moex_layer1': ['--moex', 'true', '--moex-layer', 'layer1'],
+        'moex_norm_in': ['--moex', 'true', '--moex-norm', 'in'],
     },
     # Issue 8: learned mixing (AutoMix) against Mixup and MoEx, and the two together.
     'automix': {
@@ -120,25 +142,27 @@ def main() -> None:
     parser.add_argument('--arm-set', default='moex', choices=list(ARM_SETS),
                         help="'moex': baseline / MoEx / CutMix / CutMix + MoEx; 'label_noise': cross-entropy against "
                              'the bi-tempered loss (t1 0.8, t2 1.2) at 20%% and 40%% symmetric label noise; '
-                             "'automix': Mixup (alpha 1) / MoEx / AutoMix / AutoMix + MoEx")
+                             "'automix': Mixup (alpha 1) / MoEx / AutoMix / AutoMix + MoEx; 'moex_sweep': MoEx's lam, "
+                             'prob, layer and norm around the paper\'s CIFAR values')
     parser.add_argument('--arms', nargs='+', default=None, choices=list(ARMS), help='default: every arm of the set')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
-    parser.add_argument('--epochs', type=int, default=None, help='default 30 (2 with --cpu-sized)')
+    parser.add_argument('--epochs', type=int, default=None, help='default 30 (8 with --cpu-sized)')
     parser.add_argument('--moex-lam', type=float, default=0.5)
     parser.add_argument('--moex-prob', type=float, default=0.25)
     parser.add_argument('--parallel', type=int, default=1, help='runs at a time (they share the device)')
     parser.add_argument('--threads', type=int, default=1, help='OMP threads per run')
     parser.add_argument('--cpu-sized', action='store_true',
-                        help='2,000 train / 1,000 test images, 2 epochs (unless --epochs), seed 0')
+                        help='1,000 train / 1,000 test images, batch 64, lr 0.05 with 1 warm-up epoch, 8 epochs '
+                             '(unless --epochs), seed 0')
     parser.add_argument('--out', type=Path, default=ROOT / 'runs' / 'cifar10_arms')
     parser.add_argument('extra', nargs=argparse.REMAINDER, help='after --: more train_moex.py arguments')
     args = parser.parse_args()
     args.extra = [a for a in args.extra if a != '--']
     args.arms = args.arms or list(ARM_SETS[args.arm_set])
-    if args.cpu_sized:
-        args.epochs, args.seeds = args.epochs or 2, [0]
-        args.extra = ['--train-limit', '2000', '--eval-limit', '1000', '--workers', '2', '--batch-size', '64',
-                      *args.extra]
+    if args.cpu_sized:  # lr 0.1 without warm-up diverges in the first epoch on so few images
+        args.epochs, args.seeds = args.epochs or 8, [0]
+        args.extra = ['--train-limit', '1000', '--eval-limit', '1000', '--workers', '1', '--batch-size', '64',
+                      '--lr', '0.05', '--warmup-epochs', '1', *args.extra]
     args.epochs = args.epochs or 30
     if not (args.data_dir / 'train').is_dir():
         sys.exit(f'{args.data_dir}/train is missing: unpack cifar10_jpeg.tar.gz there or pass --data-dir')
