@@ -139,7 +139,8 @@ def main(argv=None):
         automix = AutoMix(model, feature_layer=parse_feature_layer(cfg.automix_feature_layer),
                           reduction=cfg.automix_reduction, lam_embed=cfg.automix_lam_embed,
                           upsample=cfg.automix_upsample, momentum=cfg.automix_momentum)
-        optimizer.add_param_group(dict(params=list(automix.mix_block.parameters()), lr=cfg.automix_lr or lr))
+        optimizer.add_param_group(dict(params=list(automix.mix_block.parameters()), weight_decay=cfg.weight_decay,
+                                       lr=lr if cfg.automix_lr is None else cfg.automix_lr))
         models = (model, automix)
     if cfg.compile:
         model = torch.compile(model)  # after the hook: a hook added later would not be traced

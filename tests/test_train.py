@@ -88,6 +88,11 @@ def test_two_epoch_runs(variant, run_args, tmp_path):
         assert moex_frac == [1.0, 1.0]
     if variant == 'bf16':
         assert saved['mixed_precision'] == 'bf16'
+    if variant.startswith('automix'):  # the Mix Block's own parameter group: its lr and the run's weight decay
+        groups = torch.load(out / 'checkpoint-2' / 'optimizer.bin', weights_only=False)['param_groups']
+        assert len(groups[-1]['params']) == 4  # query and value convolutions, weights and biases
+        assert groups[-1]['weight_decay'] == 1e-4
+        assert groups[-1]['initial_lr'] == (0.01 if '--automix-lr' in VARIANTS[variant] else 0.05)
 
 
 def test_grad_accum_counts_updates(run_args, tmp_path):
