@@ -9,6 +9,9 @@ ImageFolder copy of CIFAR-10; the arms differ only in their mixing keys:
     cutmix        cutmix beta 1, prob 0.5
     cutmix_moex   both (one shared pairing, the three-term loss)
 
+``--arm-set`` picks other sets of arms (``ARM_SETS`` below): ``moex_sweep`` (MoEx's lam, prob, layer
+and norm), ``automix`` (Mixup, MoEx, AutoMix, AutoMix + MoEx) and ``label_noise``.
+
 It prints (and writes to OUT/results.md) the mean and std over seeds of the last-epoch and the
 best-epoch top-1 error, and plots test error against epoch (OUT/test_error.png, if matplotlib is
 installed). It asserts nothing about who wins.
@@ -17,23 +20,6 @@ installed). It asserts nothing about who wins.
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --epochs 30 --seeds 0 1 2 --parallel 12
     # CPU-sized (minutes on 2 cores: a 1,000-image subset, 8 epochs, one seed):
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --cpu-sized
-    # Issue 5: a small sweep of MoEx's lam, prob, layer and norm around the paper's CIFAR values (lam 0.5, prob 0.25).
-    'moex_sweep': {
-        'baseline': ['--moex', 'false'],
-        'moex': ['--moex', 'true'],
-        'moex_prob0.5': ['--moex', 'true', '--moex-prob', '0.5'],
-        'moex_prob1_lam0.9': ['--moex', 'true', '--moex-prob', '1.0', '--moex-lam', '0.9'],
-        'moex_lam0.9': ['--moex', 'true', '--moex-lam', '0.9'],
-        'moex_layer1': ['--moex', 'true', '--moex-layer', 'layer1'],
-        'moex_norm_in': ['--moex', 'true', '--moex-norm', 'in'],
-    },
-    # Issue 8: learned mixing (AutoMix) against Mixup and MoEx, and the two together.
-    'automix': {
-        'mixup': ['--moex', 'false', '--mixup', '1.0'],
-        'moex': ['--moex', 'true'],
-        'automix': ['--moex', 'false', '--mix', 'automix'],
-        'automix_moex': ['--moex', 'true', '--mix', 'automix'],
-    },
     # Issue 7: cross-entropy against the bi-tempered loss under 20% / 40% symmetric label noise:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set label_noise --cpu-sized
     # Issue 5: MoEx's lam / prob / layer / norm around the paper's CIFAR values:
