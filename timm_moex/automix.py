@@ -42,7 +42,7 @@ from timm.task import ClassificationTask
 
 from .hooks import MoExHook, _unwrap, get_moex_hook
 from .losses import MoExLoss
-from .tasks import PAIRINGS, _check_unit_interval
+from .tasks import PAIRINGS, _check_beta_alpha, _check_unit_interval, coin, draw_pairing
 
 __all__ = ['AutoMix', 'AutoMixTask', 'MixBlock', 'mask_area_loss', 'mix_images', 'resolve_feature_layer',
            'parse_feature_layer', 'cosine_ramp', 'LAM_EMBEDS', 'UPSAMPLE_MODES']
@@ -389,8 +389,7 @@ class AutoMixTask(ClassificationTask):
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
     ):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-            raise ValueError(f'alpha must be a finite number > 0 (Beta(alpha, alpha); the paper uses 2); got {alpha!r}')
+        alpha = _check_beta_alpha(alpha, paper_value=2)
         lam_margin = _check_unit_interval('lam_margin', lam_margin)
         if lam_margin >= 0.5:
             raise ValueError(f'lam_margin must be below 0.5 (else every batch is plain Mixup); got {lam_margin}')
@@ -427,11 +426,6 @@ class AutoMixTask(ClassificationTask):
             _logger.info(f'{type(self).__name__}: alpha={self.alpha}, feature layer '
                          f'{_unwrap(automix).feature_layer!r}, pairing={pairing}{moex}')
 
-    def _perm(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        if self.pairing == 'flip':
-            return torch.arange(batch_size - 1, -1, -1, device=device)
-        return torch.randperm(batch_size, device=device)
-
     def _area_weight(self, automix: AutoMix) -> float:
         if not self.area_decay:
             return self.area_weight
@@ -464,7 +458,7 @@ class AutoMixTask(ClassificationTask):
             return {'loss': self.criterion(output, target), 'output': output, 'automix': False, 'moex': False}
         batch_size = input.shape[0]
         lam_mb, lam = torch.distributions.Beta(self.alpha, self.alpha).sample((2,)).tolist()
-        perm_mb, perm = self._perm(batch_size, input.device), self._perm(batch_size, input.device)
+        perm_mb, perm = (draw_pairing(self.pairing, batch_size, input.device) for _ in range(2))
         automix = _unwrap(self.automix)
         automix.train()
         area_weight = self._area_weight(automix)
@@ -477,7 +471,7 @@ class AutoMixTask(ClassificationTask):
         plain = min(lam, 1.0 - lam) <= self.lam_margin
         mixed = mix_images(input, perm, lam if plain else mixer['mask'])
         batch = torch.cat([mixed, input]) if self.clean_weight > 0 else mixed
-        moex = self.hook is not None and (self.moex_prob == 1.0 or torch.rand(()).item() < self.moex_prob)
+        moex = self.hook is not None and coin(self.moex_prob)
         if moex:  # the clean half keeps its own moments (the identity pairing)
             donors = perm if batch.shape[0] == batch_size else torch.cat(
                 [perm, torch.arange(batch_size, 2 * batch_size, device=perm.device)])

@@ -26,6 +26,7 @@ from timm.task import ClassificationTask
 
 from .hooks import MoExHook, _unwrap
 from .losses import MoExLoss
+from .tasks import _check_beta_alpha, _check_unit_interval, coin
 
 __all__ = ['SnapMixTask', 'Box', 'random_box', 'snapmix_boxes', 'class_activation_maps', 'normalize_cams',
            'snapmix_weights', 'snapmix_paste', 'snapmix_moex_weights', 'cam_classifier', 'per_sample_loss']
@@ -248,12 +249,6 @@ def cam_classifier(model: nn.Module) -> nn.Linear:
     return fc
 
 
-def _check_unit_interval(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f'{name} must be a number in [0, 1]; got {value!r}')
-    return float(value)
-
-
 class SnapMixTask(ClassificationTask):
     """Classification with SnapMix, optionally with MoEx in the same step.
 
@@ -318,8 +313,7 @@ class SnapMixTask(ClassificationTask):
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
     ):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or math.isinf(alpha):
-            raise ValueError(f'alpha must be a finite number > 0 (Beta(alpha, alpha); the paper uses 5); got {alpha!r}')
+        alpha = _check_beta_alpha(alpha, paper_value=5)
         prob = _check_unit_interval('prob', prob)
         moex_prob = _check_unit_interval('moex_prob', moex_prob)
         moex_lam = _check_unit_interval('moex_lam', moex_lam)
@@ -337,11 +331,6 @@ class SnapMixTask(ClassificationTask):
         if self.verbose:
             moex = f', {hook}, moex_prob={moex_prob}, moex_lam={moex_lam}' if hook is not None else ''
             _logger.info(f'{type(self).__name__}: alpha={self.alpha}, prob={self.prob}{moex}')
-
-    @staticmethod
-    def _coin(prob: float) -> bool:
-        # Tossed on the CPU generator: no device sync, reproducible under set_seed.
-        return prob == 1.0 or (prob > 0.0 and torch.rand(()).item() < prob)
 
     @torch.no_grad()
     def class_activation_maps(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -365,8 +354,8 @@ class SnapMixTask(ClassificationTask):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
         training = self.get_trainable_module().training
-        snapmix = training and self._coin(self.prob)
-        moex = training and self.hook is not None and self._coin(self.moex_prob)
+        snapmix = training and coin(self.prob)
+        moex = training and self.hook is not None and coin(self.moex_prob)
         if not (snapmix or moex):
             output = self.trainable_module(input)
             return {'loss': self.criterion(output, target), 'output': output, 'snapmix': False, 'moex': False}

@@ -1,5 +1,6 @@
 """MoEx as a timm training task."""
 import logging
+import math
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
@@ -16,10 +17,29 @@ PAIRINGS = ('random', 'flip')
 _logger = logging.getLogger(__name__)
 
 
+def coin(prob: float) -> bool:
+    """True with probability ``prob``, tossed on the CPU generator: no device sync, reproducible under set_seed."""
+    return prob == 1.0 or (prob > 0.0 and torch.rand(()).item() < prob)
+
+
+def draw_pairing(pairing: str, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Sample i's partner: ``perm[i]``, a random permutation ('random') or B-1-i ('flip')."""
+    if pairing == 'flip':
+        return torch.arange(batch_size - 1, -1, -1, device=device)
+    return torch.randperm(batch_size, device=device)
+
+
 def _check_unit_interval(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f'{name} must be a number in [0, 1]; got {value!r}')
     return float(value)
+
+
+def _check_beta_alpha(alpha: float, paper_value: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise ValueError(f'alpha must be a finite number > 0 (Beta(alpha, alpha); the paper uses {paper_value:g}); '
+                         f'got {alpha!r}')
+    return float(alpha)
 
 
 class MoExClassificationTask(ClassificationTask):
@@ -80,14 +100,9 @@ class MoExClassificationTask(ClassificationTask):
 
     def draw_perm(self, batch_size: int, device: torch.device) -> Optional[torch.Tensor]:
         """The donors of the batch with probability ``prob`` (training mode only), else None."""
-        if self.prob == 0.0 or not self.get_trainable_module().training:
+        if not self.get_trainable_module().training or not coin(self.prob):
             return None
-        # The coin is tossed on the CPU generator: no device sync, reproducible under set_seed.
-        if self.prob < 1.0 and torch.rand(()).item() >= self.prob:
-            return None
-        if self.pairing == 'flip':
-            return torch.arange(batch_size - 1, -1, -1, device=device)
-        return torch.randperm(batch_size, device=device)
+        return draw_pairing(self.pairing, batch_size, device)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
         perm = self.draw_perm(input.shape[0], input.device)
