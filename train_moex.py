@@ -59,9 +59,11 @@ def create_model(cfg, num_classes):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         hook = attach_moex(model, **spec) if spec else None
     if cfg.moex and hook is None:
-        attach_moex(model, layer=cfg.moex_layer, norm=cfg.moex_norm, eps=cfg.moex_eps)
+        hook = attach_moex(model, layer=cfg.moex_layer, norm=cfg.moex_norm, eps=cfg.moex_eps)
     elif cfg.moex and (hook.norm, hook.eps) != (cfg.moex_norm, cfg.moex_eps):
         warnings.warn(f'{cfg.model} comes with {hook}; moex_norm={cfg.moex_norm!r}, moex_eps={cfg.moex_eps} ignored')
+    if hook is not None:
+        hook.impl = cfg.moex_impl
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -6,7 +6,8 @@ The two arms of a comparison alternate (A B A B ...) in this one call and the ra
 medians is reported.
 
 1. loader: the worker DataLoader (PIL transforms) against the device loader, CIFAR ResNet-18;
-2. MoEx overhead: MoEx at prob 1 over MoEx off, CIFAR ResNet-18 and PyramidNet-200 (a240), bf16;
+2. MoEx overhead: MoEx at prob 1 over MoEx off, CIFAR ResNet-18 and PyramidNet-200 (a240), bf16
+   (on a GPU also with ``--moex-impl torch``, the PyTorch ops instead of the fused kernels);
 3. PyramidNet-200 at batch 64: train_moex.py (bf16, channels_last, device loader, optionally
    compiled) against a plain fp32 eager PyTorch loop with a torchvision DataLoader, the setup of
    the paper's own code (``--reference``, below).
@@ -66,7 +67,7 @@ def reference_run(args, images: int) -> Optional[float]:
 
 
 def compare(title: str, arms, repeats: int, log) -> None:
-    """Alternate the arms ``repeats`` times; print the medians and the ratio of the second over the first."""
+    """Alternate the arms ``repeats`` times; print the medians and the ratio of each later arm over the first."""
     figures = {name: [] for name, _ in arms}
     for _ in range(repeats):
         for name, fn in arms:
@@ -77,9 +78,9 @@ def compare(title: str, arms, repeats: int, log) -> None:
             log(f'    {name}: {value if value is None else round(value)} img/s ({time.perf_counter() - start:.0f} s '
                 'wall)')
     medians = {name: statistics.median(v) if v else float('nan') for name, v in figures.items()}
-    (a, ma), (b, mb) = list(medians.items())[:2]
-    log(f'  {title}: {a} {ma:.0f} img/s, {b} {mb:.0f} img/s, {b} / {a} = {mb / ma:.3f} '
-        f'(medians of {repeats})')
+    (a, ma), *others = medians.items()
+    log(f'  {title}: {a} {ma:.0f} img/s, ' + ', '.join(f'{b} {mb:.0f} img/s, {b} / {a} = {mb / ma:.3f}'
+                                                         for b, mb in others) + f' (medians of {repeats})')
 
 
 def reference_loop(data_dir: Path, images: int, workers: int) -> float:
@@ -164,10 +165,15 @@ def main() -> None:
                                      [*pyr, '--model', 'pyramidnet200', '--batch-size', '64', '--lr', '0.25'])}
     for key, (name, extra) in moex_arms.items():
         if key in args.only:
-            compare(f'{name}, {" ".join(precision[1:]).replace("--", "")}, device loader: MoEx off -> MoEx prob 1', [
+            arms = [
                 ('off', lambda e=extra: train_run(args, [*e, *precision, '--loader', 'device', '--moex', 'false'])),
                 ('moex', lambda e=extra: train_run(args, [*e, *precision, '--loader', 'device', '--moex-prob', '1.0'])),
-            ], repeats, log)
+            ]
+            if gpu and not args.compile_moex:  # the fused Triton kernels ('auto') against the PyTorch ops
+                arms.append(('moex-torch-ops', lambda e=extra: train_run(
+                    args, [*e, *precision, '--loader', 'device', '--moex-prob', '1.0', '--moex-impl', 'torch'])))
+            compare(f'{name}, {" ".join(precision[1:]).replace("--", "")}, device loader: MoEx off -> MoEx prob 1',
+                    arms, repeats, log)
     pyr_run = [*pyr, '--model', 'pyramidnet200', '--batch-size', '64', '--lr', '0.25', '--loader', 'device',
                *precision]
     reference = ('fp32 eager, torchvision DataLoader', lambda: reference_run(args, int(pyr[1])))

@@ -1,10 +1,18 @@
 """Fixtures of the training-script tests: a tiny generated ImageFolder and a run helper."""
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
+import torch
+
+# Without a GPU, Triton kernels (timm_moex.moex_triton) run in Triton's CPU interpreter. Triton
+# reads this when it is first imported, which timm does: it must be set before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

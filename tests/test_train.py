@@ -371,6 +371,15 @@ def test_sync_bn_keeps_the_moex_hook():
     assert hook._module is model.bn1 and hook.norm == 'in' and hook.attached
 
 
+@pytest.mark.parametrize('model_name, extra', [('resnet10t', ['--moex']), ('resnet18_moex', [])])
+def test_moex_impl_reaches_the_hook(model_name, extra):
+    from timm_moex import get_moex_hook
+    from timm_moex.config import load_config
+    for impl in ('torch', 'auto'):
+        cfg = load_config(['--model', model_name, '--moex-impl', impl] + extra, check_paths=False)
+        assert get_moex_hook(train_moex.create_model(cfg, num_classes=3)).impl == impl
+
+
 CIFAR10_JPEG = Path(os.environ.get('TIMM_MOEX_CIFAR10_JPEG', ROOT / 'data' / 'cifar10'))
 
 

@@ -8,14 +8,14 @@ from .bitempered import BiTemperedLogisticLoss, bi_tempered_logistic_loss, tempe
 from .hooks import STEM_LAYERS, MoExHook, attach_moex, get_moex_hook, resolve_moex_layer
 from .losses import MoExLoss
 from .models import create_model, is_moex_variant, register_moex_variant
-from .moex import MOEX_NORMS, moment_exchange
+from .moex import MOEX_IMPLS, MOEX_NORMS, moment_exchange
 from .snapmix import SnapMixTask, snapmix_boxes, snapmix_weights
 from .tasks import MoExClassificationTask
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'moment_exchange', 'MOEX_NORMS',
+    'moment_exchange', 'MOEX_NORMS', 'MOEX_IMPLS',
     'MoExHook', 'attach_moex', 'get_moex_hook', 'resolve_moex_layer', 'STEM_LAYERS',
     'MoExLoss', 'MoExClassificationTask',
     'create_model', 'is_moex_variant', 'register_moex_variant',

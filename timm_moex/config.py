@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from .moex import MOEX_IMPLS
+
 __all__ = ['TrainConfig', 'ConfigError', 'load_config', 'validate_config', 'save_config', 'config_help',
            'device_loader_unsupported']
 
@@ -129,6 +131,9 @@ class TrainConfig:
     moex_layer: str = _f('stem', "module whose output is exchanged: 'stem' or a dotted module name")
     moex_norm: str = _f('pono', 'normalization of the moments: pono, in, ln, gnG, gn-dD, gponoG')
     moex_eps: float = _f(1e-5, 'epsilon added to the variance')
+    moex_impl: str = _f('auto', "implementation of the exchange, same results: 'auto' (fused Triton kernels for "
+                                "pono and gponoG on CUDA without compile, PyTorch ops otherwise), 'triton' (the "
+                                "kernels or an error) or 'torch'", MOEX_IMPLS)
 
     # --- model ---
     model: str = _f('resnet18', 'any timm model name (timm_moex models included)')
@@ -404,6 +409,9 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             timm_moex.moex.parse_norm(cfg.moex_norm)
         except ValueError as e:
             raise ConfigError(f'moex_norm: {e}') from None
+    if cfg.moex_impl == 'triton' and cfg.compile:
+        raise ConfigError("moex_impl: 'triton' cannot run under compile: true (torch.compile traces the PyTorch ops "
+                          "and fuses them itself); use 'auto'")
     _check_model_build(cfg)
     if cfg.auto_augment and cfg.auto_augment != 'cifar10':
         from timm.data.auto_augment import auto_augment_transform, augment_and_mix_transform, \

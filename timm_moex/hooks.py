@@ -5,7 +5,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .moex import moment_exchange, parse_norm
+from .moex import _check_impl, moment_exchange, parse_norm
 
 __all__ = ['MoExHook', 'attach_moex', 'get_moex_hook', 'resolve_moex_layer', 'STEM_LAYERS']
 
@@ -103,10 +103,13 @@ class MoExHook:
             eps: float = 1e-5,
             detach: bool = False,
             channel_dim: Optional[int] = None,
+            impl: str = 'auto',
     ):
         parse_norm(norm)
         if not eps >= 0:
             raise ValueError(f'eps must be >= 0; got {eps}')
+        _check_impl(impl)
+        self.impl = impl
         self.layer = layer
         self.norm = norm
         self.eps = eps
@@ -162,7 +165,8 @@ class MoExHook:
         channel_dim = self.channel_dim
         if channel_dim is None:
             channel_dim = -1 if output.dim() == 3 or (output.dim() == 4 and self._nhwc) else 1
-        return moment_exchange(output, perm, norm=self.norm, eps=self.eps, channel_dim=channel_dim, detach=self.detach)
+        return moment_exchange(output, perm, norm=self.norm, eps=self.eps, channel_dim=channel_dim, detach=self.detach,
+                               impl=self.impl)
 
 
 def attach_moex(
@@ -172,12 +176,14 @@ def attach_moex(
         eps: float = 1e-5,
         detach: bool = False,
         channel_dim: Optional[int] = None,
+        impl: str = 'auto',
 ) -> MoExHook:
     """Attach a MoEx hook to ``model`` at ``layer`` ('stem' or a dotted module name).
 
     Attach before ``torch.compile`` (a hook added to a compiled model is not traced) and
     before wrapping in DDP. ``channel_dim`` overrides the layout found from the output's rank
-    and ``model.output_fmt``: NCHW, NHWC, or tokens (B, N, C).
+    and ``model.output_fmt``: NCHW, NHWC, or tokens (B, N, C). ``impl`` picks the
+    implementation of ``moment_exchange`` (the result is the same).
     """
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise ValueError(
@@ -187,7 +193,8 @@ def attach_moex(
     existing = getattr(model, _HOOK_ATTR, None)
     if existing is not None:
         raise ValueError(f'{type(model).__name__} already has {existing}; call .remove() on it first')
-    hook = MoExHook(model, resolve_moex_layer(model, layer), norm=norm, eps=eps, detach=detach, channel_dim=channel_dim)
+    hook = MoExHook(model, resolve_moex_layer(model, layer), norm=norm, eps=eps, detach=detach, channel_dim=channel_dim,
+                    impl=impl)
     setattr(model, _HOOK_ATTR, hook)
     return hook
 

@@ -9,16 +9,24 @@ sample, ``x[perm[i]]``::
     out = (x - mean) / std * std[perm] + mean[perm]
 
 computed as one affine ``x * scale + shift`` with statistics in float32 (float64 stays float64).
+
+Two implementations give the same result: PyTorch ops with a hand-written backward (every
+device, every norm, and what ``torch.compile`` traces), and fused Triton kernels for 'pono' and
+'gponoG' on CUDA tensors in eager mode (``timm_moex.moex_triton``), chosen by ``impl``.
 """
 import re
-from typing import List, Tuple
+from types import ModuleType
+from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ['moment_exchange', 'parse_norm', 'MOEX_NORMS']
+__all__ = ['moment_exchange', 'parse_norm', 'MOEX_NORMS', 'MOEX_IMPLS']
 
 MOEX_NORMS = ('pono', 'in', 'ln', 'gnG', 'gn-dD', 'gponoG')
 """Normalizations that ``moment_exchange`` accepts; G and D stand for positive integers."""
+
+MOEX_IMPLS = ('auto', 'triton', 'torch')
+"""Implementations of ``moment_exchange``: 'auto' takes the Triton kernels wherever they apply."""
 
 _GROUP_NORM = re.compile(r'^(gn|gpono)(\d+)$')
 _GROUP_SIZE_NORM = re.compile(r'^gn-d(\d+)$')
@@ -87,6 +95,8 @@ def moment_exchange(
         eps: float = 1e-5,
         channel_dim: int = 1,
         detach: bool = False,
+        *,
+        impl: str = 'auto',
 ) -> torch.Tensor:
     """Give every sample ``i`` of ``x`` the moments of sample ``perm[i]``.
 
@@ -100,6 +110,9 @@ def moment_exchange(
         eps: Added to the unbiased variance inside the square root.
         channel_dim: The channel dimension: 1 for NCHW, -1 for NHWC and tokens.
         detach: Stop gradients through the donor's moments (the paper lets them flow).
+        impl: 'auto' (fused Triton kernels for 'pono' and 'gponoG' on CUDA outside
+            ``torch.compile``, PyTorch ops otherwise), 'triton' (the kernels or an error that
+            says why they do not apply) or 'torch' (PyTorch ops always).
 
     Returns:
         A tensor of x's shape, dtype and memory format.
@@ -124,6 +137,11 @@ def moment_exchange(
             f'norm={norm!r} reduces over {count} element per sample for shape {tuple(x.shape)}: '
             'an unbiased variance needs at least 2')
 
+    kernels = _fused_kernels(impl, x, norm, channel_dim)
+    if kernels is not None:
+        groups = xg.shape[channel_dim] if xg.dim() > x.dim() else 1
+        return _FusedPonoExchange.apply(x, perm.to(x.device).contiguous(), kernels, groups, channel_dim, float(eps),
+                                        bool(detach))
     out = _MomentExchange.apply(xg, perm, tuple(dims), float(eps), bool(detach)).reshape(x.shape)
     # Grouped statistics can lead the broadcast to pick another layout; give back x's own.
     return out.contiguous(memory_format=_memory_format(x))
@@ -179,6 +197,73 @@ class _MomentExchange(torch.autograd.Function):
             c = c - mean * b
             dx = torch.addcmul(torch.addcmul(c, xs, b), grad, donor_std / std, out=torch.empty_like(xg))
         return dx, None, None, None, None
+
+
+class _FusedPonoExchange(torch.autograd.Function):
+    """PONO moment exchange inside channel groups by the Triton kernels of ``moex_triton``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, kernels: ModuleType, groups: int, channel_dim: int,
+                eps: float, detach: bool):
+        out, mean, std = kernels.pono_exchange_forward(x, perm, groups, channel_dim, eps)
+        ctx.save_for_backward(x, perm, mean, std)
+        ctx.kernels, ctx.channel_dim, ctx.detach = kernels, channel_dim, detach
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, perm, mean, std = ctx.saved_tensors
+        dx = ctx.kernels.pono_exchange_backward(grad, x, perm, mean, std, ctx.channel_dim, ctx.detach)
+        return dx, None, None, None, None, None, None
+
+
+_triton_kernels: Optional[ModuleType] = None
+
+
+def _load_triton_kernels() -> Optional[ModuleType]:
+    global _triton_kernels
+    if _triton_kernels is None:
+        try:
+            from . import moex_triton
+        except ImportError:  # no Triton (CPU-only or macOS builds of torch)
+            return None
+        _triton_kernels = moex_triton
+    return _triton_kernels
+
+
+def _fused_kernels(impl: str, x: torch.Tensor, norm: str, channel_dim: int) -> Optional[ModuleType]:
+    """The Triton kernel module if ``impl`` and x call for it, else None (PyTorch ops)."""
+    _check_impl(impl)
+    if impl == 'torch' or (impl == 'auto' and not x.is_cuda):
+        return None
+    kind, groups, _ = parse_norm(norm)
+    compiling = torch.compiler.is_compiling()
+    kernels = None if compiling else _load_triton_kernels()
+    if compiling:
+        why = 'torch.compile traces the PyTorch ops (Inductor fuses them)'
+    elif kernels is None:
+        why = 'Triton is not installed'
+    elif kind not in ('pono', 'gpono'):
+        why = f"the kernels cover 'pono' and 'gponoG', not norm={norm!r}"
+    elif not (x.is_cuda or (impl == 'triton' and kernels.interpreted())):
+        why = f'x is on {x.device.type}; the kernels run on CUDA (or on the CPU with TRITON_INTERPRET=1)'
+    elif x.numel() == 0:
+        why = 'x is empty'
+    elif x.shape[channel_dim] // max(groups, 1) > kernels.MAX_GROUP_CHANNELS:
+        why = (f'a group of {x.shape[channel_dim] // max(groups, 1)} channels is wider than the kernels\' '
+               f'{kernels.MAX_GROUP_CHANNELS}')
+    elif kernels.layout(x, channel_dim) is None:
+        why = f'the positions of x (shape {tuple(x.shape)}, strides {x.stride()}) do not flatten into one stride'
+    else:
+        return kernels
+    if impl == 'triton':
+        raise ValueError(f"impl='triton' cannot be used: {why}. Use impl='auto' or 'torch'.")
+    return None
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in MOEX_IMPLS:
+        raise ValueError(f'impl={impl!r} is not an implementation of moment_exchange; use one of {MOEX_IMPLS}')
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

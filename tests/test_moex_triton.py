@@ -1,0 +1,173 @@
+"""The fused Triton kernels of moment_exchange, on the GPU or, without one, in Triton's CPU
+interpreter (conftest.py sets TRITON_INTERPRET=1 before Triton is imported).
+
+They must give what the PyTorch-ops implementation gives (itself checked against the float64
+formula in test_moex.py), forward and backward, in every layout they accept.
+"""
+import pytest
+import timm
+import torch
+
+from timm_moex import attach_moex, moment_exchange
+
+kernels = pytest.importorskip('timm_moex.moex_triton', reason='Triton is not installed')
+DEVICE = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+if DEVICE.type == 'cpu' and not kernels.interpreted():
+    pytest.skip('no GPU, and Triton was imported before TRITON_INTERPRET=1 was set', allow_module_level=True)
+
+
+PERM = torch.tensor([2, 0, 3, 1, 1], device=DEVICE)  # sample 1 is the donor of two samples, sample 4 of none
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4),
+       torch.bfloat16: dict(rtol=2e-2, atol=7e-2)}
+
+
+def both(x: torch.Tensor, perm: torch.Tensor = PERM, **kwargs):
+    """(output, gradient) of the fused and the PyTorch-ops implementation for one upstream gradient."""
+    torch.manual_seed(1)
+    results = []
+    upstream = None
+    for impl in ('triton', 'torch'):
+        leaf = x.detach().clone().requires_grad_()
+        out = moment_exchange(leaf, perm, impl=impl, **kwargs)
+        if upstream is None:
+            upstream = torch.randn_like(out)
+        (grad,) = torch.autograd.grad(out, leaf, upstream)
+        results.append((out, grad))
+    return results
+
+
+def features(shape, dtype, channels_last=False):
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).to(device=DEVICE, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize('dtype', list(TOL))
+@pytest.mark.parametrize('layout', ['nchw', 'channels_last', 'nhwc', 'tokens', 'ncdhw'])
+def test_pono_equals_pytorch_ops(layout, dtype):
+    shape, channel_dim = {'nchw': ((5, 8, 6, 7), 1), 'channels_last': ((5, 8, 6, 7), 1), 'nhwc': ((5, 6, 7, 8), -1),
+                          'tokens': ((5, 11, 9), -1), 'ncdhw': ((5, 6, 3, 4, 5), 1)}[layout]
+    x = features(shape, dtype, channels_last=layout == 'channels_last')
+    (out, grad), (expected, expected_grad) = both(x, channel_dim=channel_dim)
+    assert out.dtype == dtype and out.stride() == expected.stride() and grad.stride() == x.stride()
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    torch.testing.assert_close(grad, expected_grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize('norm', ['gpono2', 'gpono4'])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_grouped_pono_equals_pytorch_ops(norm, channels_last):
+    x = features((5, 8, 6, 7), torch.float64, channels_last)
+    (out, grad), (expected, expected_grad) = both(x, norm=norm)
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    torch.testing.assert_close(grad, expected_grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize('channels, positions', [(3, 5), (64, 100), (300, 9)])
+def test_tiles_cover_every_channel_and_position(channels, positions):
+    # 3 channels pad a 4-wide tile, 64 x 100 spans two position blocks, 300 channels one 512-wide tile.
+    x = features((3, channels, positions), torch.float64)
+    perm = torch.tensor([1, 2, 0], device=DEVICE)
+    (out, grad), (expected, expected_grad) = both(x, perm)
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    torch.testing.assert_close(grad, expected_grad, **TOL[torch.float64])
+
+
+def test_detach_equals_pytorch_ops():
+    x = features((5, 8, 4, 3), torch.float64)
+    (out, grad), (expected, expected_grad) = both(x, detach=True)
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    torch.testing.assert_close(grad, expected_grad, **TOL[torch.float64])
+    (_, full_grad), _ = both(x)
+    assert not torch.allclose(grad, full_grad), 'detach must drop the gradient through the donor moments'
+
+
+@pytest.mark.parametrize('norm', ['pono', 'gpono2'])
+def test_gradcheck(norm):
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    perm = torch.tensor([1, 2, 1], device=DEVICE)
+    assert torch.autograd.gradcheck(lambda t: moment_exchange(t, perm, norm=norm, impl='triton'), (x,), fast_mode=True)
+
+
+def test_identity_permutation_returns_input_and_int32_perm():
+    x = features((4, 8, 5, 5), torch.float32)
+    out = moment_exchange(x, torch.arange(4, dtype=torch.int32, device=DEVICE), impl='triton')
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_perm_and_upstream_gradient():
+    x = features((4, 8, 5, 6), torch.float64).requires_grad_()
+    perm = torch.tensor([3, 0, 3, 1, 2, 0, 1, 0], device=DEVICE)[::2]  # a non-contiguous view: [3, 3, 2, 1]
+    upstream = torch.randn(4, 8, 6, 5, dtype=torch.float64, device=DEVICE).transpose(2, 3)  # positions do not flatten
+    grads = [torch.autograd.grad(moment_exchange(x, perm, impl=impl), x, upstream)[0] for impl in ('triton', 'torch')]
+    torch.testing.assert_close(grads[0], grads[1], **TOL[torch.float64])
+
+
+def test_hook_gives_the_same_training_output_with_either_impl():
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', num_classes=4, pretrained=False).to(DEVICE).train()
+    hook = attach_moex(model, impl='triton')
+    x = torch.randn(3, 3, 32, 32, device=DEVICE)
+    perm = torch.tensor([2, 0, 1], device=DEVICE)
+    outs = []
+    for impl in ('triton', 'torch'):
+        hook.impl = impl
+        hook.arm(perm)
+        outs.append(model(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('device', ['cpu', 'cuda'])
+def test_auto_picks_the_kernels_on_cuda_only(device, monkeypatch):
+    if device == 'cuda' and not torch.cuda.is_available():
+        pytest.skip('no GPU')
+    ran = []
+    forward = kernels.pono_exchange_forward
+    monkeypatch.setattr(kernels, 'pono_exchange_forward', lambda *args: ran.append(1) or forward(*args))
+    moment_exchange(torch.randn(2, 4, 3, 3, device=device), torch.tensor([1, 0], device=device))
+    assert ran == ([1] if device == 'cuda' else [])
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(norm='in'), r"norm='in'"),
+    (dict(norm='gn2'), r"norm='gn2'"),
+    (dict(x=torch.randn(2, 4, 5, 6).transpose(2, 3)), 'flatten'),
+    (dict(x=torch.randn(2, 4100, 2)), 'wider'),
+    (dict(impl='fused'), r"impl='fused'.*'auto', 'triton', 'torch'"),
+])
+def test_triton_refuses_what_it_does_not_cover(kwargs, match):
+    x = kwargs.pop('x', torch.randn(2, 4, 3, 3)).to(DEVICE)
+    impl = kwargs.pop('impl', 'triton')
+    perm = torch.tensor([1, 0], device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        moment_exchange(x, perm, impl=impl, **kwargs)
+    if impl == 'triton':  # 'auto' takes the PyTorch ops for the same input
+        torch.testing.assert_close(moment_exchange(x, perm, impl='auto', **kwargs),
+                                   moment_exchange(x, perm, impl='torch', **kwargs))
+
+
+def test_compiled_hook_traces_the_pytorch_ops():
+    model = timm.create_model('resnet18', num_classes=4, pretrained=False).to(DEVICE).train()
+    hook = attach_moex(model)  # impl='auto'
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    x = torch.randn(3, 3, 32, 32, device=DEVICE)
+    perm = torch.tensor([2, 0, 1], device=DEVICE)
+    hook.arm(perm)
+    out = compiled(x)
+    hook.arm(perm)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+
+    hook.impl = 'triton'
+    hook.arm(perm)
+    with pytest.raises(Exception, match='torch.compile'):
+        torch.compile(model, fullgraph=True, backend='aot_eager')(x)
+
+
+def test_a_failing_kernel_names_the_fallback(monkeypatch):
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise ValueError('unsupported on this GPU')
+            return launch
+    monkeypatch.setattr(kernels, '_forward_kernel', Broken())
+    with pytest.raises(RuntimeError, match=r"unsupported on this GPU.*impl='torch'"):
+        moment_exchange(torch.randn(2, 4, 3, 3, device=DEVICE), torch.tensor([1, 0], device=DEVICE), impl='triton')
