@@ -4,6 +4,10 @@ interpreter (conftest.py sets TRITON_INTERPRET=1 before Triton is imported).
 They must give what the PyTorch-ops implementation gives (itself checked against the float64
 formula in test_moex.py), forward and backward, in every layout they accept.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -171,3 +175,43 @@ def test_a_failing_kernel_names_the_fallback(monkeypatch):
     monkeypatch.setattr(kernels, '_forward_kernel', Broken())
     with pytest.raises(RuntimeError, match=r"unsupported on this GPU.*impl='torch'"):
         moment_exchange(torch.randn(2, 4, 3, 3, device=DEVICE), torch.tensor([1, 0], device=DEVICE), impl='triton')
+
+
+AOT_COMPILE = '''
+import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import timm_moex.moex_triton as k
+
+DATA = {'x_ptr', 'out_ptr', 'g_ptr', 'dx_ptr'}
+for dtype, acc, group_c, groups, block_s in [('bf16', tl.float32, 64, 1, 64), ('fp16', tl.float32, 16, 2, 256),
+                                             ('fp64', tl.float64, 3, 4, 1024)]:
+    stat = '*fp64' if dtype == 'fp64' else '*fp32'
+    sizes = dict(GROUPS=groups, GROUP_C=group_c, BLOCK_C=triton.next_power_of_2(group_c), BLOCK_S=block_s, ACC=acc)
+    for kernel, extra in [(k._forward_kernel, {}), (k._backward_donor_kernel, {}),
+                          (k._backward_input_kernel, dict(DONOR_GRAD=True))]:
+        constexprs = dict(sizes, **extra)
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = 'constexpr'
+            elif name.endswith('_ptr'):
+                signature[name] = '*' + dtype if name in DATA else '*i64' if name == 'perm_ptr' else stat
+            else:
+                signature[name] = 'fp32' if name == 'eps' else 'i32'
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget('cuda', 90, 32),
+                                  options=dict(num_warps=8))
+        assert compiled.asm['cubin'], kernel.fn.__name__
+print('compiled', flush=True)
+'''
+
+
+def test_kernels_compile_for_an_h100():
+    """The interpreter does not run Triton's compiler: compile the kernels for sm_90 ahead of time
+    (Triton's own ptxas, no GPU needed), in a process where Triton is not interpreting."""
+    pytest.importorskip('triton.backends.nvidia', reason="Triton's CUDA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    proc = subprocess.run([sys.executable, '-c', AOT_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and 'compiled' in proc.stdout, proc.stderr[-3000:]
