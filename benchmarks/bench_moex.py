@@ -110,11 +110,11 @@ def bench_op(shape, dtype: torch.dtype, device: torch.device, repeats: int, copy
         if name == 'naive':
             continue
         bw = PASSES['minimum'] * size / t[name]
-        line = (f'    {name}: naive/{name} = {t["naive"] / t[name]:.2f}x; {bw / 1e9:.0f} GB/s = {bw / copy_bw:.0%} of copy '
+        line = (f'    {name}: naive/{name} = {t["naive"] / t[name]:.2f}x; {bw / 1e9:.1f} GB/s = {bw / copy_bw:.0%} of copy '
                 f'counting the 5 passes over x any implementation needs')
         if name in PASSES:
             moved = PASSES[name] * size / t[name]
-            line += f'; {moved / 1e9:.0f} GB/s = {moved / copy_bw:.0%} of copy counting the {PASSES[name]} it makes'
+            line += f'; {moved / 1e9:.1f} GB/s = {moved / copy_bw:.0%} of copy counting the {PASSES[name]} it makes'
         print(line)
 
 

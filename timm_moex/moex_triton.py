@@ -21,7 +21,7 @@ Only ``moment_exchange`` calls this module, and only on CUDA tensors outside
 ``torch.compile`` (Inductor fuses the composed ops itself). With ``TRITON_INTERPRET=1`` set
 before the first import, the kernels run on CPU tensors, which is how the tests check them.
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -176,10 +176,12 @@ def _backward_input_kernel(
 
 
 @contextmanager
-def _fallback_hint() -> Iterator[None]:
-    """Turn a Triton failure (a compiler error on an untested GPU, say) into one that says what to do."""
+def _launching_on(t: torch.Tensor) -> Iterator[None]:
+    """Launch on t's GPU (Triton launches on the current device), and turn a Triton failure (a
+    compiler error on an untested GPU, say) into one that says what to do."""
     try:
-        yield
+        with torch.cuda.device(t.device) if t.is_cuda else nullcontext():
+            yield
     except Exception as e:  # noqa: BLE001  Triton raises many kinds
         raise RuntimeError(
             f"a Triton kernel of moment_exchange failed ({type(e).__name__}: {e}); impl='torch' (moex_impl: torch "
@@ -205,7 +207,7 @@ def pono_exchange_forward(x: torch.Tensor, perm: torch.Tensor, groups: int, chan
     std = torch.empty_like(mean)
     block_c, block_s, warps = _blocks(group_c)
     grid = (batch * groups, triton.cdiv(positions, block_s))
-    with _fallback_hint():
+    with _launching_on(x):
         _forward_kernel[grid](
             x, perm, out, mean, std, positions, eps, *layout(x, channel_dim), *layout(out, channel_dim),
             GROUPS=groups, GROUP_C=group_c, BLOCK_C=block_c, BLOCK_S=block_s, ACC=_acc_dtype(x.dtype),
@@ -227,7 +229,7 @@ def pono_exchange_backward(grad: torch.Tensor, x: torch.Tensor, perm: torch.Tens
     sizes = dict(GROUPS=groups, GROUP_C=group_c, BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc, num_warps=warps)
     g_strides, x_strides = layout(grad, channel_dim), layout(x, channel_dim)
     dx = torch.empty_like(x)
-    with _fallback_hint():
+    with _launching_on(x):
         if detach:
             donor_g = donor_gn = mean  # not read
         else:
