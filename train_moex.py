@@ -145,7 +145,9 @@ def main(argv=None):
                                        lr=lr if cfg.automix_lr is None else cfg.automix_lr))
         models = (model, automix)
     if cfg.compile:
-        model = torch.compile(model)  # after the hook: a hook added later would not be traced
+        # After the hook (a hook added later is not traced). Static shapes: a partial last batch gets its own
+        # graph instead of making every later graph dynamic in the batch size.
+        model = torch.compile(model, mode=cfg.compile_mode, dynamic=False)
     *models, optimizer, train_loader, eval_loader = accelerator.prepare(
         model, *models[1:], optimizer, train_loader, eval_loader)
     model = models[0]

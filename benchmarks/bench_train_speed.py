@@ -129,6 +129,8 @@ def main() -> None:
                         choices=['loader', 'moex-resnet18', 'moex-pyramidnet', 'pyramidnet', 'compile'],
                         help="'compile': comparison 3 with PyramidNet-200 compiled (one repeat; compiling takes minutes)")
     parser.add_argument('--compile-moex', action='store_true', help='compile the model in the MoEx comparisons')
+    parser.add_argument('--compile-mode', default='default', help="train_moex.py's compile_mode for every compiled "
+                                                                   "arm ('reduce-overhead': CUDA graphs)")
     parser.add_argument('--cpu-sized', action='store_true', help='small subsets, fp32, one repeat')
     parser.add_argument('--log', type=Path, default=None, help='also append the lines to this file')
     parser.add_argument('--reference', action='store_true', help=argparse.SUPPRESS)
@@ -149,8 +151,9 @@ def main() -> None:
     small = ['--train-limit', '10240' if gpu else '512']
     pyr = ['--train-limit', '6400' if gpu else '128']
     precision = ['--mixed-precision', 'bf16', '--channels-last'] if gpu else ['--mixed-precision', 'no']
+    compiled = ['--compile', '--compile-mode', args.compile_mode]
     if args.compile_moex:
-        precision.append('--compile')
+        precision += compiled
     log(f'command: python {" ".join(sys.argv)}')
     log(versions())
     repeats = args.repeats if gpu else 1
@@ -184,7 +187,7 @@ def main() -> None:
     if 'compile' in args.only:
         compare('PyramidNet-200 a240, batch 64, MoEx prob 0.25: the paper-code setup -> train_moex.py compiled', [
             reference, ('train_moex.py bf16 channels_last device loader compile',
-                        lambda: train_run(args, [*pyr_run, '--compile']))], 1, log)
+                        lambda: train_run(args, [*pyr_run, *compiled]))], 1, log)
 
 if __name__ == '__main__':
     main()

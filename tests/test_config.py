@@ -71,6 +71,7 @@ def test_effective_config_round_trips(tmp_path):
                                                          r"img_size=224"),
     (['--loader', 'gpu'], r"loader: 'gpu' is not one of auto, workers, device"),
     (['--moex-impl', 'cuda'], r"moex_impl: 'cuda' is not one of auto, triton, torch"),
+    (['--compile-mode', 'fast'], r"compile_mode: 'fast' is not one of default, reduce-overhead"),
     (['--moex-impl', 'triton', '--compile'], r"moex_impl: 'triton' cannot run under compile: true"),
 ])
 def test_bad_values_are_refused_with_key_value_and_what_is_accepted(argv, match):

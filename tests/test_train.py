@@ -95,6 +95,35 @@ def test_two_epoch_runs(variant, run_args, tmp_path):
         assert groups[-1]['initial_lr'] == (0.01 if '--automix-lr' in VARIANTS[variant] else 0.05)
 
 
+def test_compiled_run_traces_the_hook_in_static_graphs(run_args, tmp_path, monkeypatch):
+    """compile: true traces model and hook without graph breaks, and a partial last batch gets its
+    own static graph rather than turning the batch dimension dynamic (slower kernels on a GPU)."""
+    from torch._dynamo.utils import counters
+    real_compile, calls, graphs = torch.compile, [], []
+
+    def record(gm, example_inputs):  # a backend that runs the graph as traced; a dynamic one has SymInt inputs
+        graphs.append([type(n.meta.get('example_value')).__name__ for n in gm.graph.nodes if n.op == 'placeholder'])
+        return gm.forward
+
+    def compile_recording(model, **kwargs):
+        calls.append(dict(kwargs))
+        kwargs.pop('mode')  # a mode needs Inductor; 'reduce-overhead' only matters on a GPU
+        return real_compile(model, backend=record, **kwargs)
+    monkeypatch.setattr(torch, 'compile', compile_recording)
+    torch._dynamo.reset()
+    counters.clear()
+    out = tmp_path / 'compiled'
+    train_moex.main(run_args('--moex', '--moex-prob', '0.5', '--compile', '--compile-mode', 'reduce-overhead',
+                             out=out))
+    rows, _ = check_run(out)
+    assert [c['mode'] for c in calls] == ['reduce-overhead']
+    assert not counters['graph_break'], dict(counters['graph_break'])
+    assert 0 < sum(float(r['train_moex_frac']) for r in rows) < 2
+    # MoEx idle and armed in training, full and partial (18 = 16 + 2) eval batches: four graphs, none symbolic.
+    assert len(graphs) == 4
+    assert not any('SymInt' in inputs for inputs in graphs), graphs
+
+
 def test_grad_accum_counts_updates(run_args, tmp_path):
     """32 images, batch 8, 2 accumulation steps: 2 updates per epoch, seen by the step scheduler."""
     out = tmp_path / 'accum'

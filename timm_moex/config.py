@@ -42,6 +42,7 @@ TRACKERS = ('tensorboard',)
 LOADERS = ('auto', 'workers', 'device')
 LOSSES = ('ce', 'bi_tempered')
 MIX_METHODS = ('none', 'automix')
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
 
 def _f(default, doc: str, choices: Optional[Sequence] = None):
@@ -141,6 +142,9 @@ class TrainConfig:
     model_kwargs: Dict[str, Any] = _f({}, 'extra keyword arguments of timm.create_model')
     channels_last: bool = _f(False, 'channels-last memory format')
     compile: bool = _f(False, 'torch.compile the model (after the MoEx hook is attached)')
+    compile_mode: str = _f('default', "torch.compile mode: 'reduce-overhead' adds CUDA graphs, for models that are "
+                                      "bound by kernel launches (small batches, deep thin nets such as PyramidNet)",
+                           COMPILE_MODES)
     sync_bn: bool = _f(False, 'convert BatchNorm to SyncBatchNorm (multi-process runs)')
 
     # --- optimization ---
