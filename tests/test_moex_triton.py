@@ -215,3 +215,12 @@ def test_kernels_compile_for_an_h100():
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     proc = subprocess.run([sys.executable, '-c', AOT_COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and 'compiled' in proc.stdout, proc.stderr[-3000:]
+
+
+def test_donor_indices_count_from_the_end_and_out_of_range_ones_poison_their_sample():
+    x = features((4, 8, 3, 3), torch.float64)
+    wrapped = moment_exchange(x, torch.tensor([-1, 0, -4, 2], device=DEVICE), impl='triton')
+    torch.testing.assert_close(wrapped, moment_exchange(x, torch.tensor([3, 0, 0, 2], device=DEVICE), impl='torch'))
+    out = moment_exchange(x, torch.tensor([1, 4, 0, -5], device=DEVICE), impl='triton')
+    assert torch.isnan(out[1]).all() and torch.isnan(out[3]).all()
+    assert torch.isfinite(out[[0, 2]]).all()

@@ -74,6 +74,16 @@ def _moments(v, mask, n: tl.constexpr, eps):
 
 
 @triton.jit
+def _donor(perm_ptr, sample, B):
+    """perm[sample] as an index into the batch (negative ones count from the end, as in PyTorch),
+    and whether it is one: an invalid donor is replaced by the sample itself, for safe addresses."""
+    index = tl.load(perm_ptr + sample).to(tl.int64)
+    index = tl.where(index < 0, index + B, index)
+    valid = (index >= 0) & (index < B)
+    return tl.where(valid, index, sample), valid
+
+
+@triton.jit
 def _tile_offsets(pid_s, group, S, sc, ss, GROUP_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -86,7 +96,7 @@ def _tile_offsets(pid_s, group, S, sc, ss, GROUP_C: tl.constexpr, BLOCK_C: tl.co
 @triton.jit
 def _forward_kernel(
         x_ptr, perm_ptr, out_ptr, mean_ptr, std_ptr,
-        S, eps,
+        B, S, eps,
         x_sb, x_sc, x_ss, o_sb, o_sc, o_ss,
         GROUPS: tl.constexpr, GROUP_C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
@@ -94,12 +104,13 @@ def _forward_kernel(
     pid = tl.program_id(0)
     sample = (pid // GROUPS).to(tl.int64)
     group = pid % GROUPS
-    donor = tl.load(perm_ptr + sample).to(tl.int64)
+    donor, valid = _donor(perm_ptr, sample, B)
     x_off, mask, offs_s, s_mask = _tile_offsets(tl.program_id(1), group, S, x_sc, x_ss, GROUP_C, BLOCK_C, BLOCK_S)
     own = tl.load(x_ptr + sample * x_sb + x_off, mask=mask, other=0.0).to(ACC)
     don = tl.load(x_ptr + donor * x_sb + x_off, mask=mask, other=0.0).to(ACC)
     mean, centred, std = _moments(own, mask, GROUP_C, eps)
     donor_mean, _, donor_std = _moments(don, mask, GROUP_C, eps)
+    donor_mean = tl.where(valid, donor_mean, float('nan'))  # no silent result for an index out of range
     out = centred * (donor_std / std)[None, :] + donor_mean[None, :]
     o_off, _, _, _ = _tile_offsets(tl.program_id(1), group, S, o_sc, o_ss, GROUP_C, BLOCK_C, BLOCK_S)
     tl.store(out_ptr + sample * o_sb + o_off, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -130,7 +141,7 @@ def _load_grad_tiles(g_ptr, x_ptr, mean_ptr, std_ptr, sample, group, pid, S,
 @triton.jit
 def _backward_donor_kernel(
         g_ptr, x_ptr, perm_ptr, mean_ptr, std_ptr, donor_g_ptr, donor_gn_ptr,
-        S,
+        B, S,
         g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
         GROUPS: tl.constexpr, GROUP_C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
@@ -141,7 +152,7 @@ def _backward_donor_kernel(
     _, _, _, g_sum, gn_sum, offs_s, s_mask, _ = _load_grad_tiles(
         g_ptr, x_ptr, mean_ptr, std_ptr, sample, group, pid, S, g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
         GROUP_C, BLOCK_C, BLOCK_S, ACC)
-    donor = tl.load(perm_ptr + sample).to(tl.int64)
+    donor, _ = _donor(perm_ptr, sample, B)
     slot = (donor * GROUPS + group) * S + offs_s
     tl.atomic_add(donor_g_ptr + slot, g_sum, mask=s_mask)
     tl.atomic_add(donor_gn_ptr + slot, gn_sum, mask=s_mask)
@@ -150,7 +161,7 @@ def _backward_donor_kernel(
 @triton.jit
 def _backward_input_kernel(
         g_ptr, x_ptr, perm_ptr, mean_ptr, std_ptr, donor_g_ptr, donor_gn_ptr, dx_ptr,
-        S,
+        B, S,
         g_sb, g_sc, g_ss, x_sb, x_sc, x_ss, d_sb, d_sc, d_ss,
         GROUPS: tl.constexpr, GROUP_C: tl.constexpr, DONOR_GRAD: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
@@ -161,7 +172,7 @@ def _backward_input_kernel(
     g, centred, std, g_sum, gn_sum, offs_s, s_mask, mask = _load_grad_tiles(
         g_ptr, x_ptr, mean_ptr, std_ptr, sample, group, pid, S, g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
         GROUP_C, BLOCK_C, BLOCK_S, ACC)
-    donor = tl.load(perm_ptr + sample).to(tl.int64)
+    donor, _ = _donor(perm_ptr, sample, B)
     donor_std = tl.load(std_ptr + (donor * GROUPS + group) * S + offs_s, mask=s_mask, other=1.0)
     b = -donor_std * gn_sum / std
     c = -donor_std * g_sum / (GROUP_C * std)
@@ -209,7 +220,7 @@ def pono_exchange_forward(x: torch.Tensor, perm: torch.Tensor, groups: int, chan
     grid = (batch * groups, triton.cdiv(positions, block_s))
     with _launching_on(x):
         _forward_kernel[grid](
-            x, perm, out, mean, std, positions, eps, *layout(x, channel_dim), *layout(out, channel_dim),
+            x, perm, out, mean, std, batch, positions, eps, *layout(x, channel_dim), *layout(out, channel_dim),
             GROUPS=groups, GROUP_C=group_c, BLOCK_C=block_c, BLOCK_S=block_s, ACC=_acc_dtype(x.dtype),
             num_warps=warps)
     return out, mean, std
@@ -235,8 +246,8 @@ def pono_exchange_backward(grad: torch.Tensor, x: torch.Tensor, perm: torch.Tens
         else:
             donor_g, donor_gn = torch.zeros((2,) + tuple(mean.shape), device=x.device, dtype=mean.dtype)
             _backward_donor_kernel[grid](
-                grad, x, perm, mean, std, donor_g, donor_gn, positions, *g_strides, *x_strides, **sizes)
+                grad, x, perm, mean, std, donor_g, donor_gn, batch, positions, *g_strides, *x_strides, **sizes)
         _backward_input_kernel[grid](
-            grad, x, perm, mean, std, donor_g, donor_gn, dx, positions,
+            grad, x, perm, mean, std, donor_g, donor_gn, dx, batch, positions,
             *g_strides, *x_strides, *layout(dx, channel_dim), DONOR_GRAD=not detach, **sizes)
     return dx
