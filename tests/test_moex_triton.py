@@ -106,18 +106,21 @@ def test_strided_perm_and_upstream_gradient():
     torch.testing.assert_close(grads[0], grads[1], **TOL[torch.float64])
 
 
-def test_hook_gives_the_same_training_output_with_either_impl():
+def test_hook_gives_the_same_training_output_and_gradients_with_either_impl():
     torch.manual_seed(0)
     model = timm.create_model('resnet18', num_classes=4, pretrained=False).to(DEVICE).train()
     hook = attach_moex(model, impl='triton')
     x = torch.randn(3, 3, 32, 32, device=DEVICE)
     perm = torch.tensor([2, 0, 1], device=DEVICE)
-    outs = []
+    outs, grads = [], []
     for impl in ('triton', 'torch'):
         hook.impl = impl
         hook.arm(perm)
         outs.append(model(x))
+        grads.append(torch.autograd.grad(outs[-1].square().sum(), list(model.parameters())))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize('device', ['cpu', 'cuda'])
