@@ -33,7 +33,7 @@ __all__ = ['MAX_GROUP_CHANNELS', 'interpreted', 'layout', 'pono_exchange_forward
 MAX_GROUP_CHANNELS = 2048
 """Groups wider than this are left to the composed ops: a tile holds a whole group's channels."""
 
-_TILE = 4096  # elements of a (channels, positions) tile per program
+_TILE = 4096  # elements of a (channels, positions) tile per program: a first guess, not yet tuned on a GPU
 
 # Triton reads TRITON_INTERPRET when a kernel is defined, i.e. at this module's import.
 _INTERPRETED = bool(triton.knobs.runtime.interpret)
