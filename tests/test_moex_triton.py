@@ -227,3 +227,22 @@ def test_donor_indices_count_from_the_end_and_out_of_range_ones_poison_their_sam
     out = moment_exchange(x, torch.tensor([1, 4, 0, -5], device=DEVICE), impl='triton')
     assert torch.isnan(out[1]).all() and torch.isnan(out[3]).all()
     assert torch.isfinite(out[[0, 2]]).all()
+
+
+def test_a_triton_that_fails_to_load_leaves_the_pytorch_ops(monkeypatch):
+    import builtins
+    import timm_moex.moex as moex
+    real_import = builtins.__import__
+
+    def failing_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 1 and 'moex_triton' in (fromlist or ()):
+            raise AttributeError("module 'triton' has no attribute 'knobs'")
+        return real_import(name, globals, locals, fromlist, level)
+    monkeypatch.setattr(builtins, '__import__', failing_import)
+    monkeypatch.setattr(moex, '_triton_kernels', None)
+    monkeypatch.setattr(moex, '_triton_import_error', None)
+    x, perm = torch.randn(2, 4, 3, 3, device=DEVICE), torch.tensor([1, 0], device=DEVICE)
+    with pytest.raises(ValueError, match=r"moex_triton failed to load \(AttributeError.*knobs"):
+        with pytest.warns(UserWarning, match="PyTorch ops"):
+            moment_exchange(x, perm, impl='triton')
+    torch.testing.assert_close(moment_exchange(x, perm, impl='auto'), moment_exchange(x, perm, impl='torch'))

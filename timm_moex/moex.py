@@ -15,6 +15,7 @@ device, every norm, and what ``torch.compile`` traces), and fused Triton kernels
 'gponoG' on CUDA tensors in eager mode (``timm_moex.moex_triton``), chosen by ``impl``.
 """
 import re
+import warnings
 from types import ModuleType
 from typing import List, Optional, Tuple
 
@@ -218,16 +219,22 @@ class _FusedPonoExchange(torch.autograd.Function):
 
 
 _triton_kernels: Optional[ModuleType] = None
+_triton_import_error: Optional[str] = None
 
 
 def _load_triton_kernels() -> Optional[ModuleType]:
-    global _triton_kernels
-    if _triton_kernels is None:
+    """timm_moex.moex_triton, or None (once, with a warning, if Triton is there but fails to load)."""
+    global _triton_kernels, _triton_import_error
+    if _triton_kernels is None and _triton_import_error is None:
         try:
             from . import moex_triton
-        except ImportError:  # no Triton (CPU-only or macOS builds of torch)
-            return None
-        _triton_kernels = moex_triton
+        except ImportError as e:  # no Triton (CPU-only or macOS builds of torch)
+            _triton_import_error = f'Triton is not installed ({e})'
+        except Exception as e:  # noqa: BLE001  a Triton this module does not work with
+            _triton_import_error = f'timm_moex.moex_triton failed to load ({type(e).__name__}: {e})'
+            warnings.warn(f"{_triton_import_error}; moment_exchange uses PyTorch ops (impl='torch')")
+        else:
+            _triton_kernels = moex_triton
     return _triton_kernels
 
 
@@ -242,7 +249,7 @@ def _fused_kernels(impl: str, x: torch.Tensor, norm: str, channel_dim: int) -> O
     if compiling:
         why = 'torch.compile traces the PyTorch ops (Inductor fuses them)'
     elif kernels is None:
-        why = 'Triton is not installed'
+        why = _triton_import_error
     elif kind not in ('pono', 'gpono'):
         why = f"the kernels cover 'pono' and 'gponoG', not norm={norm!r}"
     elif not (x.is_cuda or (impl == 'triton' and kernels.interpreted())):

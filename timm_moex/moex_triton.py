@@ -21,6 +21,7 @@ Only ``moment_exchange`` calls this module, and only on CUDA tensors outside
 ``torch.compile`` (Inductor fuses the composed ops itself). With ``TRITON_INTERPRET=1`` set
 before the first import, the kernels run on CPU tensors, which is how the tests check them.
 """
+import os
 from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional, Tuple
 
@@ -35,8 +36,12 @@ MAX_GROUP_CHANNELS = 2048
 
 _TILE = 4096  # elements of a (channels, positions) tile per program: a first guess, not yet tuned on a GPU
 
-# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. at this module's import.
-_INTERPRETED = bool(triton.knobs.runtime.interpret)
+# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. at this module's import
+# (triton.knobs is Triton >= 3.4's view of its settings; older ones read the variable itself).
+try:
+    _INTERPRETED = bool(triton.knobs.runtime.interpret)
+except AttributeError:
+    _INTERPRETED = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'yes', 'on')
 
 
 def interpreted() -> bool:
