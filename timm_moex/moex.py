@@ -138,9 +138,9 @@ def moment_exchange(
             f'norm={norm!r} reduces over {count} element per sample for shape {tuple(x.shape)}: '
             'an unbiased variance needs at least 2')
 
-    kernels = _fused_kernels(impl, x, norm, channel_dim)
+    groups = xg.shape[channel_dim] if xg.dim() > x.dim() else 1  # channel groups of the grouped norms
+    kernels = _fused_kernels(impl, x, norm, channel_dim, groups)
     if kernels is not None:
-        groups = xg.shape[channel_dim] if xg.dim() > x.dim() else 1
         return _FusedPonoExchange.apply(x, perm.to(x.device).contiguous(), kernels, groups, channel_dim, float(eps),
                                         bool(detach))
     out = _MomentExchange.apply(xg, perm, tuple(dims), float(eps), bool(detach)).reshape(x.shape)
@@ -238,12 +238,13 @@ def _load_triton_kernels() -> Optional[ModuleType]:
     return _triton_kernels
 
 
-def _fused_kernels(impl: str, x: torch.Tensor, norm: str, channel_dim: int) -> Optional[ModuleType]:
+def _fused_kernels(impl: str, x: torch.Tensor, norm: str, channel_dim: int, groups: int) -> Optional[ModuleType]:
     """The Triton kernel module if ``impl`` and x call for it, else None (PyTorch ops)."""
     _check_impl(impl)
     if impl == 'torch' or (impl == 'auto' and not x.is_cuda):
         return None
-    kind, groups, _ = parse_norm(norm)
+    kind = parse_norm(norm)[0]
+    group_width = x.shape[channel_dim] // groups
     compiling = torch.compiler.is_compiling()
     kernels = None if compiling else _load_triton_kernels()
     if compiling:
@@ -256,9 +257,8 @@ def _fused_kernels(impl: str, x: torch.Tensor, norm: str, channel_dim: int) -> O
         why = f'x is on {x.device.type}; the kernels run on CUDA (or on the CPU with TRITON_INTERPRET=1)'
     elif x.numel() == 0:
         why = 'x is empty'
-    elif x.shape[channel_dim] // max(groups, 1) > kernels.MAX_GROUP_CHANNELS:
-        why = (f'a group of {x.shape[channel_dim] // max(groups, 1)} channels is wider than the kernels\' '
-               f'{kernels.MAX_GROUP_CHANNELS}')
+    elif group_width > kernels.MAX_GROUP_CHANNELS:
+        why = f'a group of {group_width} channels is wider than the kernels\' {kernels.MAX_GROUP_CHANNELS}'
     elif kernels.layout(x, channel_dim) is None:
         why = f'the positions of x (shape {tuple(x.shape)}, strides {x.stride()}) do not flatten into one stride'
     else:

@@ -79,6 +79,13 @@ def _moments(v, mask, n: tl.constexpr, eps):
 
 
 @triton.jit
+def _program(GROUPS: tl.constexpr):
+    """This program's id along the (sample, group) axis, its sample and its channel group."""
+    pid = tl.program_id(0)
+    return pid, (pid // GROUPS).to(tl.int64), pid % GROUPS
+
+
+@triton.jit
 def _donor(perm_ptr, sample, B):
     """perm[sample] as an index into the batch (negative ones count from the end, as in PyTorch),
     and whether it is one: an invalid donor is replaced by the sample itself, for safe addresses."""
@@ -106,9 +113,7 @@ def _forward_kernel(
         GROUPS: tl.constexpr, GROUP_C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    sample = (pid // GROUPS).to(tl.int64)
-    group = pid % GROUPS
+    pid, sample, group = _program(GROUPS)
     donor, valid = _donor(perm_ptr, sample, B)
     x_off, mask, offs_s, s_mask = _tile_offsets(tl.program_id(1), group, S, x_sc, x_ss, GROUP_C, BLOCK_C, BLOCK_S)
     own = tl.load(x_ptr + sample * x_sb + x_off, mask=mask, other=0.0).to(ACC)
@@ -151,9 +156,7 @@ def _backward_donor_kernel(
         GROUPS: tl.constexpr, GROUP_C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    sample = (pid // GROUPS).to(tl.int64)
-    group = pid % GROUPS
+    pid, sample, group = _program(GROUPS)
     _, _, _, g_sum, gn_sum, offs_s, s_mask, _ = _load_grad_tiles(
         g_ptr, x_ptr, mean_ptr, std_ptr, sample, group, pid, S, g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
         GROUP_C, BLOCK_C, BLOCK_S, ACC)
@@ -171,9 +174,7 @@ def _backward_input_kernel(
         GROUPS: tl.constexpr, GROUP_C: tl.constexpr, DONOR_GRAD: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    sample = (pid // GROUPS).to(tl.int64)
-    group = pid % GROUPS
+    pid, sample, group = _program(GROUPS)
     g, centred, std, g_sum, gn_sum, offs_s, s_mask, mask = _load_grad_tiles(
         g_ptr, x_ptr, mean_ptr, std_ptr, sample, group, pid, S, g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
         GROUP_C, BLOCK_C, BLOCK_S, ACC)
