@@ -40,7 +40,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
+
+from timm_moex.config import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 _BI_TEMPERED = ['--loss', 'bi_tempered', '--bitempered-t1', '0.8', '--bitempered-t2', '1.2']
@@ -77,6 +79,9 @@ ARM_SETS: Dict[str, Dict[str, List[str]]] = {
     },
 }
 ARMS = {name: extra for arms in ARM_SETS.values() for name, extra in arms.items()}
+# An arm that adds a method to another is compared with that one (paired by seed), the rest with the first arm.
+COUNTERPARTS = {'cutmix_moex': 'cutmix', 'automix_moex': 'automix',
+                'bitempered_noise20': 'ce_noise20', 'bitempered_noise40': 'ce_noise40'}
 
 
 def versions() -> str:
@@ -113,11 +118,50 @@ def curve(out: Path) -> List[float]:
         return [float(r['eval_top1_err']) for r in csv.DictReader(f)]
 
 
-def mean_std(values: List[float]) -> str:
+def mean_std(values: List[float], signed: bool = False) -> str:
+    """'mean ± sample std' to two decimals ('n/a' for no values); ``signed`` writes the mean's sign."""
     if not values:
         return 'n/a'
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f'{statistics.mean(values):.2f} ± {std:.2f}'
+    return f'{statistics.mean(values):{"+" if signed else ""}.2f} ± {std:.2f}'
+
+
+def reference_arm(arm: str, arms: List[str]) -> Optional[str]:
+    """The arm that ``arm`` is compared with: its counterpart without the added method when that
+    ran too (CutMix for CutMix + MoEx), else the first arm; None for the first arm itself."""
+    ref = COUNTERPARTS.get(arm)
+    ref = ref if ref in arms else arms[0]
+    return None if ref == arm else ref
+
+
+def summarize(arms: List[str], seeds: List[int], outs: Dict[Tuple[str, int], Path]
+              ) -> Tuple[List[str], Dict[str, List[List[float]]]]:
+    """The results table (markdown lines) and each arm's test-error curves, over the finished runs.
+
+    Besides mean ± std over seeds, each arm but the first gets the difference of its last-epoch
+    error from its ``reference_arm``'s, paired seed by seed (one seed: the same initial weights and
+    data order), which separates an arm's effect from the spread between seeds.
+    """
+    results = {arm: {s: json.loads((outs[(arm, s)] / 'results.json').read_text())
+                     for s in seeds if (outs[(arm, s)] / 'results.json').exists()} for arm in arms}
+    rows, curves = [], {}
+    for arm in arms:
+        runs = results[arm]
+        curves[arm] = [curve(outs[(arm, s)]) for s in runs]
+        ref = reference_arm(arm, arms)
+        paired = '' if ref is None else mean_std(
+            [r['last']['top1_err'] - results[ref][s]['last']['top1_err'] for s, r in runs.items() if s in results[ref]],
+            signed=True) + f' vs {ref}'
+        rows.append([arm, str(len(runs)),
+                     mean_std([r['last']['top1_err'] for r in runs.values()]),
+                     mean_std([r['best']['top1_err'] for r in runs.values()]),
+                     paired,
+                     mean_std([r['last']['top5_err'] for r in runs.values()]),
+                     mean_std([r['last']['train_loss'] for r in runs.values()])])
+    table = ['| arm | runs | last-epoch top-1 err (%) | best-epoch top-1 err (%) | last-epoch difference, paired by '
+             'seed | last top-5 err (%) | last train loss |', '|---|---|---|---|---|---|---|']
+    table += ['| ' + ' | '.join(r) + ' |' for r in rows]
+    return table, curves
 
 
 def main() -> None:
@@ -163,24 +207,11 @@ def main() -> None:
         outs = dict(zip(jobs, pool.map(lambda job: run_one(args, *job), jobs)))
     elapsed = time.perf_counter() - start
 
-    rows, curves = [], {}
-    for arm in args.arms:
-        done = [outs[(arm, s)] for s in args.seeds if (outs[(arm, s)] / 'results.json').exists()]
-        results = [json.loads((o / 'results.json').read_text()) for o in done]
-        curves[arm] = [curve(o) for o in done]
-        rows.append([arm, str(len(results)),
-                     mean_std([r['last']['top1_err'] for r in results]),
-                     mean_std([r['best']['top1_err'] for r in results]),
-                     mean_std([r['last']['top5_err'] for r in results]),
-                     mean_std([r['last']['train_loss'] for r in results])])
-    table = ['| arm | runs | last-epoch top-1 err (%) | best-epoch top-1 err (%) | last top-5 err (%) | '
-             'last train loss |', '|---|---|---|---|---|---|']
-    table += ['| ' + ' | '.join(r) + ' |' for r in rows]
+    table, curves = summarize(args.arms, args.seeds, outs)
     text = '\n'.join(header + [f'wall time {elapsed:.0f} s, {args.parallel} run(s) at a time', ''] + table) + '\n'
     print('\n'.join(table))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'results.md').write_text(text)
-    (args.out / 'curves.json').write_text(json.dumps(curves))
+    atomic_write_text(args.out / 'results.md', text)
+    atomic_write_text(args.out / 'curves.json', json.dumps(curves))
     plot(curves, args.out / 'test_error.png', f'{args.model}, CIFAR-10 (JPEG), {len(args.seeds)} seed(s)')
 
 
@@ -193,22 +224,30 @@ def plot(curves: Dict[str, List[List[float]]], path: Path, title: str) -> None:
         print(f'matplotlib is not installed: no plot ({path.name}); the curves are in curves.json')
         return
     import numpy as np
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from matplotlib.ticker import ScalarFormatter
+    fig, (ax_all, ax_end) = plt.subplots(1, 2, figsize=(11, 4.5))
     for arm, runs in curves.items():
         if not runs:
             continue
         n = min(len(r) for r in runs)
         values = np.array([r[:n] for r in runs])
-        epochs = np.arange(1, n + 1)
-        ax.plot(epochs, values.mean(0), label=f'{arm} ({len(runs)} seeds)')
-        if len(runs) > 1:
-            ax.fill_between(epochs, values.mean(0) - values.std(0), values.mean(0) + values.std(0), alpha=0.2)
-    ax.set_xlabel('epoch')
-    ax.set_ylabel('test top-1 error (%)')
-    ax.set_title(title)
-    ax.set_yscale('log')  # early epochs are far above the final errors
-    ax.grid(alpha=0.3)
-    ax.legend()
+        epochs, mean = np.arange(1, n + 1), values.mean(0)
+        std = values.std(0, ddof=1) if len(runs) > 1 else None  # the table's sample std
+        tail = slice(int(n * 0.6), n)  # the last 40% of the epochs, where the arms separate
+        for ax, part in ((ax_all, slice(0, n)), (ax_end, tail)):
+            line, = ax.plot(epochs[part], mean[part], label=f'{arm} ({len(runs)} seeds)')
+            if std is not None:
+                ax.fill_between(epochs[part], (mean - std)[part], (mean + std)[part], color=line.get_color(), alpha=0.2)
+    ax_all.set_yscale('log')  # early epochs are far above the final errors
+    ax_all.yaxis.set_major_formatter(ScalarFormatter())  # 30, 40, 60 rather than 3 x 10^1 ...
+    ax_all.yaxis.set_minor_formatter(ScalarFormatter())
+    ax_all.set_title(title)
+    ax_end.set_title('last 40% of the epochs (linear scale)')
+    for ax in (ax_all, ax_end):
+        ax.set_xlabel('epoch')
+        ax.set_ylabel('test top-1 error (%)')
+        ax.grid(alpha=0.3)
+    ax_end.legend()
     fig.tight_layout()
     tmp = path.with_name(f'.{path.name}.tmp.png')
     fig.savefig(tmp, dpi=120)
