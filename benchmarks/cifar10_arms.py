@@ -13,8 +13,9 @@ ImageFolder copy of CIFAR-10; the arms differ only in their mixing keys:
 and norm), ``automix`` (Mixup, MoEx, AutoMix, AutoMix + MoEx) and ``label_noise``.
 
 It prints (and writes to OUT/results.md) the mean and std over seeds of the last-epoch and the
-best-epoch top-1 error, and plots test error against epoch (OUT/test_error.png, if matplotlib is
-installed). It asserts nothing about who wins.
+best-epoch top-1 error, and each arm's last-epoch difference from the arm it adds to (CutMix for
+CutMix + MoEx, else the first arm) paired by seed; it plots test error against epoch
+(OUT/test_error.png, if matplotlib is installed). It asserts nothing about who wins.
 
     # GPU (the figures of the README):
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --epochs 30 --seeds 0 1 2 --parallel 12
