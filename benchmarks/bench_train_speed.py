@@ -123,7 +123,8 @@ def reference_loop(data_dir: Path, images: int, workers: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data-dir', type=Path, default=Path(os.environ.get('TIMM_MOEX_CIFAR10_JPEG', 'data/cifar10')))
-    parser.add_argument('--repeats', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=None,
+                        help='runs of each arm, alternating (default: 2 on a GPU, 1 with --cpu-sized)')
     parser.add_argument('--workers', type=int, default=8, help='DataLoader workers of the worker-loader arms')
     parser.add_argument('--only', nargs='+', default=['loader', 'moex-resnet18', 'moex-pyramidnet', 'pyramidnet'],
                         choices=['loader', 'moex-resnet18', 'moex-pyramidnet', 'pyramidnet', 'compile'],
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument('--reference', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--images', type=int, default=3200, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f'--repeats {args.repeats}: give 1 or more')
     if args.reference:
         print(reference_loop(args.data_dir, args.images, args.workers))
         return
@@ -156,7 +159,7 @@ def main() -> None:
         precision += compiled
     log(f'command: python {" ".join(sys.argv)}')
     log(versions())
-    repeats = args.repeats if gpu else 1
+    repeats = args.repeats if args.repeats is not None else (2 if gpu else 1)
     if 'loader' in args.only:
         compare('CIFAR ResNet-18, batch 128, MoEx prob 0.25: worker loader -> device loader', [
             ('workers', lambda: train_run(args, [*small, *precision, '--loader', 'workers', '--workers',

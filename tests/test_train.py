@@ -402,6 +402,34 @@ def test_metrics_by_hand():
     assert m['ece'] == pytest.approx(100 * ece.item())
 
 
+
+def test_metrics_accumulate_on_the_device_across_batches():
+    from timm_moex.metrics import ClassificationMeter
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(203, 10, generator=gen)).to(device)
+    target = torch.randint(10, (203,), generator=gen).to(device)
+    whole, batched = ClassificationMeter(), ClassificationMeter()
+    whole.update(logits, target)
+    if device == 'cuda':  # updates queue work on the GPU and never wait for it
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode('error')
+    try:
+        for i in range(0, 203, 64):
+            batched.update(logits[i:i + 64], target[i:i + 64])
+    finally:
+        if device == 'cuda':
+            torch.cuda.set_sync_debug_mode('default')
+    assert batched.sums.device == logits.device
+    a, b = whole.compute(), batched.compute()
+    assert a['count'] == b['count'] == 203
+    for key in ('loss', 'top1_err', 'top5_err', 'ece'):
+        assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-9), key
+    assert a['top1_err'] == pytest.approx(100 * logits.argmax(-1).ne(target).float().mean().item())
+    assert ClassificationMeter().compute() == dict(loss=0.0, top1_err=100.0, top5_err=100.0, ece=0.0, count=0)
+    with pytest.raises(ValueError, match='bins=0'):
+        ClassificationMeter(bins=0)
+
 def test_sync_bn_keeps_the_moex_hook():
     from timm_moex import get_moex_hook
     from timm_moex.config import load_config
