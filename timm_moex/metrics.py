@@ -26,7 +26,7 @@ class ClassificationMeter:
 
     def reset(self) -> None:
         self.count = 0
-        # [correct top-1, correct top-5, NLL sum] then per bin: count, summed confidence, summed hits
+        # [correct top-1, correct top-5, NLL sum], then per bin the summed confidence and the summed top-1 hits
         self.sums: Optional[torch.Tensor] = None
 
     @torch.no_grad()
@@ -35,7 +35,7 @@ class ClassificationMeter:
         if self.sums is None:
             # float64 keeps the counts exact over any evaluation set; MPS has no float64
             dtype = torch.float32 if logits.device.type == 'mps' else torch.float64
-            self.sums = torch.zeros(3 + 3 * self.bins, dtype=dtype, device=logits.device)
+            self.sums = torch.zeros(3 + 2 * self.bins, dtype=dtype, device=logits.device)
         sums = self.sums
         k = min(5, logits.shape[-1])
         hit = logits.topk(k, dim=-1).indices.eq(target[:, None])
@@ -45,16 +45,15 @@ class ClassificationMeter:
         sums[2] += F.cross_entropy(logits, target, reduction='none').to(sums.dtype).sum()
         conf = logits.softmax(-1).amax(-1).to(sums.dtype)
         index = (conf * self.bins).long().clamp_(max=self.bins - 1)
-        per_bin = sums[3:].view(3, self.bins)
-        per_bin[0].index_add_(0, index, torch.ones_like(conf))
-        per_bin[1].index_add_(0, index, conf)
-        per_bin[2].index_add_(0, index, top1)
+        per_bin = sums[3:].view(2, self.bins)
+        per_bin[0].index_add_(0, index, conf)
+        per_bin[1].index_add_(0, index, top1)
         self.count += target.numel()
 
     def compute(self) -> Dict[str, float]:
         n = max(self.count, 1)
-        sums = self.sums.cpu() if self.sums is not None else torch.zeros(3 + 3 * self.bins, dtype=torch.float64)
-        _, conf, acc = sums[3:].view(3, self.bins)
+        sums = self.sums.cpu() if self.sums is not None else torch.zeros(3 + 2 * self.bins, dtype=torch.float64)
+        conf, acc = sums[3:].view(2, self.bins)
         return {
             'loss': sums[2].item() / n,  # the NLL (cross-entropy without smoothing)
             'top1_err': 100.0 * (1.0 - sums[0].item() / n),
