@@ -402,7 +402,6 @@ def test_metrics_by_hand():
     assert m['ece'] == pytest.approx(100 * ece.item())
 
 
-
 def test_metrics_accumulate_on_the_device_across_batches():
     from timm_moex.metrics import ClassificationMeter
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -429,6 +428,7 @@ def test_metrics_accumulate_on_the_device_across_batches():
     assert ClassificationMeter().compute() == dict(loss=0.0, top1_err=100.0, top5_err=100.0, ece=0.0, count=0)
     with pytest.raises(ValueError, match='bins=0'):
         ClassificationMeter(bins=0)
+
 
 def test_sync_bn_keeps_the_moex_hook():
     from timm_moex import get_moex_hook

@@ -26,16 +26,16 @@ class ClassificationMeter:
 
     def reset(self) -> None:
         self.count = 0
-        # [correct top-1, correct top-5, NLL sum], then per bin the summed confidence and the summed top-1 hits
-        self.sums: Optional[torch.Tensor] = None
+        # [correct top-1, correct top-5, NLL sum], then per bin the summed confidence and the summed top-1 hits;
+        # moved to the logits' device by the first update
+        self.sums = torch.zeros(3 + 2 * self.bins, dtype=torch.float64)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         logits, target = logits.detach().float(), target.detach()
-        if self.sums is None:
+        if self.sums.device != logits.device:
             # float64 keeps the counts exact over any evaluation set; MPS has no float64
-            dtype = torch.float32 if logits.device.type == 'mps' else torch.float64
-            self.sums = torch.zeros(3 + 2 * self.bins, dtype=dtype, device=logits.device)
+            self.sums = self.sums.to(logits.device, torch.float32 if logits.device.type == 'mps' else torch.float64)
         sums = self.sums
         k = min(5, logits.shape[-1])
         hit = logits.topk(k, dim=-1).indices.eq(target[:, None])
@@ -52,7 +52,7 @@ class ClassificationMeter:
 
     def compute(self) -> Dict[str, float]:
         n = max(self.count, 1)
-        sums = self.sums.cpu() if self.sums is not None else torch.zeros(3 + 2 * self.bins, dtype=torch.float64)
+        sums = self.sums.cpu()
         conf, acc = sums[3:].view(2, self.bins)
         return {
             'loss': sums[2].item() / n,  # the NLL (cross-entropy without smoothing)
