@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Issue 5's GPU checks in one device call, most needed first. Each step runs under its own time
+# limit, so one slow step (a long compile) cannot use up the others' time; the steps' outputs go to
+# $OUT (the device tool's folder) or runs/gpu_checks.
+#
+#   bash benchmarks/gpu_checks.sh                                   # tests moex-op speed-resnet18: <= 8 min
+#   bash benchmarks/gpu_checks.sh speed-pyramidnet compile-pyramidnet # the PyramidNet-200 figures: <= 9 min
+#
+# The limits add up to less than one device call (600 s) for either line above.
+#
+# Data: CIFAR-10 as JPEG in data/cifar10, or its archive at .gl/cifar10_jpeg.tar.gz (carry ".gl").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests moex-op speed-resnet18)
+KNOWN=" tests moex-op speed-resnet18 speed-pyramidnet compile-resnet18 compile-pyramidnet "
+for s in "${STEPS[@]}"; do
+    if [[ "$KNOWN" != *" $s "* ]]; then
+        echo "unknown step '$s'; the steps are:$KNOWN" >&2
+        exit 2
+    fi
+done
+OUT=${OUT:-runs/gpu_checks}
+mkdir -p "$OUT"
+
+step() {  # step LIMIT_S NAME COMMAND...: run COMMAND into $OUT/NAME.txt and report its exit and time
+    local limit=$1 name=$2
+    shift 2
+    echo "== $name (limit ${limit} s): $*" | tee -a "$OUT/steps.txt"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    local rc=$?
+    echo "   exit $rc$([ $rc -eq 124 ] && echo ' (time limit)'), $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
+    tail -n 12 "$OUT/$name.txt"
+}
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python -c "import platform, torch, timm, accelerate; print('python', platform.python_version(), 'torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+if ! python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    echo "no CUDA device: these are the GPU checks (the CPU ones are the test suite and --cpu-sized benchmarks)" | tee -a "$OUT/env.txt"
+    exit 6
+fi
+if ! python -c "import timm.task" 2>/dev/null; then
+    echo "this timm has no timm.task; carry a newer timm wheel and pip install it first" | tee -a "$OUT/env.txt"
+    exit 3
+fi
+python -m pip install -q --no-deps -e . > "$OUT/install.txt" 2>&1 || { tail "$OUT/install.txt"; exit 4; }
+if [ ! -d data/cifar10/train ] && [ -f .gl/cifar10_jpeg.tar.gz ]; then
+    mkdir -p data/cifar10 && tar xzf .gl/cifar10_jpeg.tar.gz -C data/cifar10
+fi
+if [ ! -d data/cifar10/train ] && [[ " ${STEPS[*]} " == *" speed-"* || " ${STEPS[*]} " == *" compile-"* ]]; then
+    echo "no data/cifar10/train and no .gl/cifar10_jpeg.tar.gz: the speed steps need CIFAR-10 as JPEG" | tee -a "$OUT/env.txt"
+    exit 5
+fi
+
+for s in "${STEPS[@]}"; do
+    case $s in
+        # The CUDA branches that the CPU suite cannot run: the Triton kernels compiled for the GPU
+        # (not interpreted), the compiled hook, and the meter's updates under set_sync_debug_mode('error').
+        tests) step 180 tests python -m pytest -q -x tests/test_moex_triton.py tests/test_train.py \
+            -k "triton or compiled or metrics" ;;
+        moex-op) step 90 moex-op python benchmarks/bench_moex.py --device cuda --repeats 20 ;;
+        speed-resnet18) step 200 speed-resnet18 python benchmarks/bench_train_speed.py --data-dir data/cifar10 \
+            --only moex-resnet18 --repeats 2 --log "$OUT/speed.txt" ;;
+        speed-pyramidnet) step 180 speed-pyramidnet python benchmarks/bench_train_speed.py --data-dir data/cifar10 \
+            --only moex-pyramidnet --repeats 1 --log "$OUT/speed.txt" ;;
+        compile-resnet18) step 240 compile-resnet18 python benchmarks/bench_train_speed.py --data-dir data/cifar10 \
+            --only moex-resnet18 --repeats 1 --compile-moex --compile-mode reduce-overhead --log "$OUT/speed.txt" ;;
+        # The 3x goal: the paper-code setup against train_moex.py compiled (compiling PyramidNet-200 is most of it).
+        compile-pyramidnet) step 330 compile-pyramidnet python benchmarks/bench_train_speed.py --data-dir data/cifar10 \
+            --only compile --log "$OUT/speed.txt" ;;
+    esac
+done
