@@ -158,9 +158,12 @@ def summarize(arms: List[str], seeds: List[int], outs: Dict[Tuple[str, int], Pat
                      mean_std([r['best']['top1_err'] for r in runs.values()]),
                      paired,
                      mean_std([r['last']['top5_err'] for r in runs.values()]),
+                     mean_std([r['last']['loss'] for r in runs.values() if 'loss' in r['last']]),
+                     mean_std([r['last']['ece'] for r in runs.values() if 'ece' in r['last']]),
                      mean_std([r['last']['train_loss'] for r in runs.values()])])
     table = ['| arm | runs | last-epoch top-1 err (%) | best-epoch top-1 err (%) | last-epoch difference, paired by '
-             'seed | last top-5 err (%) | last train loss |', '|---|---|---|---|---|---|---|']
+             'seed | last top-5 err (%) | last test NLL | last ECE (%) | last train loss |',
+             '|---|---|---|---|---|---|---|---|---|']
     table += ['| ' + ' | '.join(r) + ' |' for r in rows]
     return table, curves
 

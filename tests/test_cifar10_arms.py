@@ -23,7 +23,8 @@ def fake_run(out: Path, curve, train_loss=0.5):
     (out / 'summary.csv').write_text('\n'.join(lines) + '\n')
     best = min(range(len(curve)), key=curve.__getitem__)
     (out / 'results.json').write_text(json.dumps({
-        'last': {'top1_err': curve[-1], 'top5_err': 1.0, 'train_loss': train_loss},
+        'last': {'top1_err': curve[-1], 'top5_err': 1.0, 'loss': curve[-1] / 20, 'ece': curve[-1] / 10,
+                 'train_loss': train_loss},
         'best': {'top1_err': curve[best], 'epoch': best + 1}}))
     return out
 
@@ -55,6 +56,7 @@ def test_summarize_pairs_differences_by_seed(arms, tmp_path):
     assert rows['moex'][1:5] == ['2', '30.60 ± 1.56', '29.60 ± 1.56', '-0.40 ± 0.14 vs baseline']
     assert rows['cutmix'][4] == '+1.00 ± 0.00 vs baseline'
     assert rows['cutmix_moex'][1] == '1' and rows['cutmix_moex'][4] == '-1.00 ± 0.00 vs cutmix'
+    assert rows['baseline'][6:8] == ['1.55 ± 0.07', '3.10 ± 0.14']  # test NLL and ECE, from results.json's 'last'
     assert len(table[0].split(' | ')) == len(rows['moex']) == len(table[1].split('|')) - 2
     assert curves['moex'] == [[60.0, 28.5, 29.5], [60.0, 30.7, 31.7]] and len(curves['cutmix_moex']) == 1
 
