@@ -36,6 +36,7 @@ def test_reference_arm_is_the_counterpart_when_it_ran_else_the_first(arms):
     assert arms.reference_arm('cutmix', names) == 'baseline'
     assert arms.reference_arm('cutmix_moex', names) == 'cutmix'
     assert arms.reference_arm('cutmix_moex', ['baseline', 'cutmix_moex']) == 'baseline'
+    assert arms.reference_arm('cutmix_moex_norm_in', ['cutmix', 'cutmix_moex', 'cutmix_moex_norm_in']) == 'cutmix'
     assert arms.reference_arm('bitempered_noise40', list(arms.ARM_SETS['label_noise'])) == 'ce_noise40'
     for arm, ref in arms.COUNTERPARTS.items():
         assert arm in arms.ARMS and ref in arms.ARMS
