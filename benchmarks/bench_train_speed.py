@@ -75,11 +75,11 @@ def compare(title: str, arms, repeats: int, log) -> None:
             value = fn()
             if value is not None:
                 figures[name].append(value)
-            log(f'    {name}: {value if value is None else round(value)} img/s ({time.perf_counter() - start:.0f} s '
+            log(f'    {name}: {"failed" if value is None else f"{value:.4g}"} img/s ({time.perf_counter() - start:.0f} s '
                 'wall)')
     medians = {name: statistics.median(v) if v else float('nan') for name, v in figures.items()}
     (a, ma), *others = medians.items()
-    log(f'  {title}: {a} {ma:.0f} img/s, ' + ', '.join(f'{b} {mb:.0f} img/s, {b} / {a} = {mb / ma:.3f}'
+    log(f'  {title}: {a} {ma:.4g} img/s, ' + ', '.join(f'{b} {mb:.4g} img/s, {b} / {a} = {mb / ma:.3f}'
                                                          for b, mb in others) + f' (medians of {repeats})')
 
 
@@ -178,7 +178,9 @@ def main() -> None:
             if gpu and not args.compile_moex:  # the fused Triton kernels ('auto') against the PyTorch ops
                 arms.append(('moex-torch-ops', lambda e=extra: train_run(
                     args, [*e, *precision, '--loader', 'device', '--moex-prob', '1.0', '--moex-impl', 'torch'])))
-            compare(f'{name}, {" ".join(precision[1:]).replace("--", "")}, device loader: MoEx off -> MoEx prob 1',
+            setup = 'bf16 channels_last' if gpu else 'fp32'
+            setup += f' compiled ({args.compile_mode})' if args.compile_moex else ''
+            compare(f'{name}, {setup}, device loader: MoEx off -> MoEx prob 1',
                     arms, repeats, log)
     pyr_run = [*pyr, '--model', 'pyramidnet200', '--batch-size', '64', '--lr', '0.25', '--loader', 'device',
                *precision]

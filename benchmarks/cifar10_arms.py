@@ -10,7 +10,8 @@ ImageFolder copy of CIFAR-10; the arms differ only in their mixing keys:
     cutmix_moex   both (one shared pairing, the three-term loss)
 
 ``--arm-set`` picks other sets of arms (``ARM_SETS`` below): ``moex_sweep`` (MoEx's lam, prob, layer
-and norm; ``cutmix_moex_norm_in`` is compared with ``cutmix`` when both are in ``--arms``), ``automix`` (Mixup, MoEx, AutoMix, AutoMix + MoEx) and ``label_noise``.
+and norm; its CutMix + MoEx arms are compared with ``cutmix`` when both are in ``--arms``), ``automix``
+(Mixup, MoEx, AutoMix, AutoMix + MoEx) and ``label_noise``.
 
 It prints (and writes to OUT/results.md) the mean and std over seeds of the last-epoch and the
 best-epoch top-1 error, and each arm's last-epoch difference from the arm it adds to (CutMix for
@@ -64,6 +65,9 @@ ARM_SETS: Dict[str, Dict[str, List[str]]] = {
         'moex_layer1': ['--moex', 'true', '--moex-layer', 'layer1'],
         'moex_norm_in': ['--moex', 'true', '--moex-norm', 'in'],
         'cutmix_moex_norm_in': ['--moex', 'true', '--moex-norm', 'in', '--cutmix', '1.0', '--mixup-prob', '0.5'],
+        # lam 0.9: the paper's MoEx label weight when it is paired with CutMix (its ImageNet code).
+        'cutmix_moex_norm_in_lam0.9': ['--moex', 'true', '--moex-norm', 'in', '--moex-lam', '0.9', '--cutmix', '1.0',
+                                       '--mixup-prob', '0.5'],
     },
     # Issue 8: learned mixing (AutoMix) against Mixup and MoEx, and the two together.
     'automix': {
@@ -82,7 +86,8 @@ ARM_SETS: Dict[str, Dict[str, List[str]]] = {
 }
 ARMS = {name: extra for arms in ARM_SETS.values() for name, extra in arms.items()}
 # An arm that adds a method to another is compared with that one (paired by seed), the rest with the first arm.
-COUNTERPARTS = {'cutmix_moex': 'cutmix', 'cutmix_moex_norm_in': 'cutmix', 'automix_moex': 'automix',
+COUNTERPARTS = {'cutmix_moex': 'cutmix', 'cutmix_moex_norm_in': 'cutmix', 'cutmix_moex_norm_in_lam0.9': 'cutmix',
+                'automix_moex': 'automix',
                 'bitempered_noise20': 'ce_noise20', 'bitempered_noise40': 'ce_noise40'}
 
 

@@ -40,6 +40,8 @@ def test_reference_arm_is_the_counterpart_when_it_ran_else_the_first(arms):
     assert arms.reference_arm('bitempered_noise40', list(arms.ARM_SETS['label_noise'])) == 'ce_noise40'
     for arm, ref in arms.COUNTERPARTS.items():
         assert arm in arms.ARMS and ref in arms.ARMS
+    # every CutMix + MoEx variant is judged against CutMix, not against the first arm
+    assert all(arms.COUNTERPARTS.get(a) == 'cutmix' for a in arms.ARMS if a.startswith('cutmix_moex'))
 
 
 def test_summarize_pairs_differences_by_seed(arms, tmp_path):
