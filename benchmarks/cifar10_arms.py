@@ -209,7 +209,8 @@ def main() -> None:
 
     header = [f'command: python {" ".join(sys.argv)}', versions(),
               f'model {args.model}, {args.epochs} epochs, seeds {args.seeds}, moex lam {args.moex_lam} prob '
-              f'{args.moex_prob}, config {args.config.name}, extra {args.extra}']
+              f'{args.moex_prob} (unless an arm sets its own), config {args.config.name}, extra {args.extra}',
+              *(f'arm {arm}: {" ".join(ARMS[arm])}' for arm in args.arms)]
     print('\n'.join(header), flush=True)
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     start = time.perf_counter()
