@@ -86,8 +86,7 @@ ARM_SETS: Dict[str, Dict[str, List[str]]] = {
 }
 ARMS = {name: extra for arms in ARM_SETS.values() for name, extra in arms.items()}
 # An arm that adds a method to another is compared with that one (paired by seed), the rest with the first arm.
-COUNTERPARTS = {'cutmix_moex': 'cutmix', 'cutmix_moex_norm_in': 'cutmix', 'cutmix_moex_norm_in_lam0.9': 'cutmix',
-                'automix_moex': 'automix',
+COUNTERPARTS = {**{arm: 'cutmix' for arm in ARMS if arm.startswith('cutmix_moex')}, 'automix_moex': 'automix',
                 'bitempered_noise20': 'ce_noise20', 'bitempered_noise40': 'ce_noise40'}
 
 
