@@ -47,13 +47,14 @@ from typing import Dict, List, Optional, Tuple
 from timm_moex.config import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
+_CUTMIX = ['--cutmix', '1.0', '--mixup-prob', '0.5']  # the CutMix paper's CIFAR values: beta 1, prob 0.5
 _BI_TEMPERED = ['--loss', 'bi_tempered', '--bitempered-t1', '0.8', '--bitempered-t2', '1.2']
 ARM_SETS: Dict[str, Dict[str, List[str]]] = {
     'moex': {
         'baseline': ['--moex', 'false'],
         'moex': ['--moex', 'true'],
-        'cutmix': ['--moex', 'false', '--cutmix', '1.0', '--mixup-prob', '0.5'],
-        'cutmix_moex': ['--moex', 'true', '--cutmix', '1.0', '--mixup-prob', '0.5'],
+        'cutmix': ['--moex', 'false', *_CUTMIX],
+        'cutmix_moex': ['--moex', 'true', *_CUTMIX],
     },
     # Issue 5: a small sweep of MoEx's lam, prob, layer and norm around the paper's CIFAR values (lam 0.5, prob 0.25).
     'moex_sweep': {
@@ -64,10 +65,9 @@ ARM_SETS: Dict[str, Dict[str, List[str]]] = {
         'moex_lam0.9': ['--moex', 'true', '--moex-lam', '0.9'],
         'moex_layer1': ['--moex', 'true', '--moex-layer', 'layer1'],
         'moex_norm_in': ['--moex', 'true', '--moex-norm', 'in'],
-        'cutmix_moex_norm_in': ['--moex', 'true', '--moex-norm', 'in', '--cutmix', '1.0', '--mixup-prob', '0.5'],
+        'cutmix_moex_norm_in': ['--moex', 'true', '--moex-norm', 'in', *_CUTMIX],
         # lam 0.9: the paper's MoEx label weight when it is paired with CutMix (its ImageNet code).
-        'cutmix_moex_norm_in_lam0.9': ['--moex', 'true', '--moex-norm', 'in', '--moex-lam', '0.9', '--cutmix', '1.0',
-                                       '--mixup-prob', '0.5'],
+        'cutmix_moex_norm_in_lam0.9': ['--moex', 'true', '--moex-norm', 'in', '--moex-lam', '0.9', *_CUTMIX],
     },
     # Issue 8: learned mixing (AutoMix) against Mixup and MoEx, and the two together.
     'automix': {
