@@ -1,4 +1,5 @@
 """The MoEx demo (timm_moex.demo): the exchange in pixel and feature space, inputs, the grid and the CLI."""
+import importlib.util
 import logging
 import subprocess
 import sys
@@ -198,9 +199,24 @@ def test_cli_writes_the_grid_into_a_new_folder(tmp_path, capsys):
 
 def test_cli_without_images_uses_the_shipped_samples(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name == 'sklearn' else real_find_spec(name, *a))
     assert demo.main(['--size', '48']) == 0
     assert (tmp_path / 'moex_demo.png').is_file()
     assert 'sample_features.png' in capsys.readouterr().err
+
+
+def test_cli_without_images_uses_scikit_learns_photos(tmp_path, monkeypatch, capsys):
+    pytest.importorskip('sklearn')
+    feature, moment = demo.default_image_paths()
+    assert (feature.name, moment.name) == ('flower.jpg', 'china.jpg')
+    assert feature.is_file() and moment.is_file()
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(['--size', '48']) == 0
+    assert 'flower.jpg and china.jpg' in capsys.readouterr().err
+    grid = Image.open(tmp_path / 'moex_demo.png')
+    assert grid.size[0] > 48 * 4  # four panels a row, each at least the image's width
 
 
 def test_the_shipped_samples_are_reproducible():

@@ -4,7 +4,7 @@ Image A gives the features (its normalized content), image B gives the moments (
 standard deviation)::
 
     moex-demo A.png B.png -o grid.png          # or: python -m timm_moex.demo A.png B.png
-    moex-demo                                  # the two sample images the package ships
+    moex-demo                                  # two photos (scikit-learn's samples), or the package's own
 
 In pixel space the two images are stacked as a batch of two and ``moment_exchange`` runs with
 ``perm=[1, 0]``: with PONO (the default) every pixel of A keeps its normalized colour and takes
@@ -14,6 +14,8 @@ unless ``--pretrained``). The grid shows both, with the per-position (PONO) mean
 of the paper's Figure 1.
 """
 import argparse
+import importlib
+import importlib.util
 import logging
 import math
 import os
@@ -36,7 +38,8 @@ from .moex import MOEX_NORMS, moment_exchange, parse_norm
 
 __all__ = [
     'exchange_images', 'feature_maps', 'load_image', 'load_pair', 'create_feature_model', 'render_grid',
-    'save_png_atomic', 'make_sample_images', 'sample_image_paths', 'main', 'DemoError', 'PretrainedWeightsError',
+    'save_png_atomic', 'make_sample_images', 'sample_image_paths', 'default_image_paths', 'main', 'DemoError',
+    'PretrainedWeightsError',
 ]
 
 _log = logging.getLogger(__name__)
@@ -513,6 +516,25 @@ def sample_image_paths() -> Tuple[Path, Path]:
     return assets / SAMPLE_FEATURE_IMAGE, assets / SAMPLE_MOMENT_IMAGE
 
 
+def default_image_paths() -> Tuple[Path, Path]:
+    """The images ``moex-demo`` uses when given none: (feature image, moment image).
+
+    Real photos show the exchange better than drawn samples: scikit-learn bundles two (a temple
+    and a flower, no download needed), used when it is installed (``pip install timm-moex[quickstart]``).
+    Without it, the package's own drawn samples.
+
+    Returns:
+        The feature image's path and the moment image's path.
+    """
+    if importlib.util.find_spec('sklearn') is None:
+        return sample_image_paths()
+    photos = importlib.import_module('sklearn.datasets').load_sample_images().filenames
+    by_name = {Path(f).name: Path(f) for f in photos}
+    if {'china.jpg', 'flower.jpg'} <= set(by_name):
+        return by_name['flower.jpg'], by_name['china.jpg']
+    return sample_image_paths()
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -549,10 +571,10 @@ def _build_parser() -> argparse.ArgumentParser:
         prog='moex-demo',
         description='See what Moment Exchange (MoEx) does to two images: the feature image keeps its '
                     "normalized content and takes the moment image's moments (mean and std), in pixel "
-                    "space and in a timm model's feature space. Without images it uses two sample images.")
+                    "space and in a timm model's feature space. Without images it uses two sample photos.")
     parser.add_argument('images', nargs='*', metavar='IMAGE',
                         help='FEATURE_IMAGE MOMENT_IMAGE: two image files (any mode: grayscale and RGBA '
-                             'become RGB); none for the shipped samples')
+                             "become RGB); none for two sample photos (scikit-learn's, else the package's own)")
     parser.add_argument('-o', '--output', default='moex_demo.png', help='grid PNG to write, its folder created if missing (default: %(default)s)')
     parser.add_argument('--norm', type=_norm_arg, default='pono',
                         help=f'normalization whose moments are exchanged, one of {", ".join(MOEX_NORMS)} '
@@ -606,7 +628,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.images:
         feature_path, moment_path = (Path(p) for p in args.images)
     else:
-        feature_path, moment_path = sample_image_paths()
+        feature_path, moment_path = default_image_paths()
         _log.info('no images given: using the samples %s and %s', feature_path.name, moment_path.name)
     pixel_norm = args.pixel_norm or args.norm
     a, b = load_pair(feature_path, moment_path, args.size)
