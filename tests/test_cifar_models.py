@@ -264,3 +264,54 @@ def test_group_matcher_stem(name, stem):
     assert stem_params == [n for n, _ in model.named_parameters() if n.split('.')[0] in stem]
     groups = timm.models.group_parameters(model, model.group_matcher(coarse=True))
     assert sorted(groups[0]) == sorted(stem_params)
+
+
+# ---------------------------------------------------------------- TorchScript, FX, intermediates
+
+MODELS = [('resnet18_cifar', SMALL_RESNET), ('wide_resnet28_10_cifar', SMALL_WRN)]
+
+
+@pytest.mark.parametrize('name, kwargs', MODELS)
+def test_torchscript_and_fx_give_the_eager_output(name, kwargs):
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    x = torch.randn(2, 3, 32, 32)
+    with timm.set_scriptable(True):
+        model = calibrate_bn(timm.create_model(name, num_classes=5, **kwargs), x)
+    tracer_kwargs = dict(leaf_modules=timm.models.get_notrace_modules(),
+                         autowrap_functions=timm.models.get_notrace_functions())
+    _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(next(iter(fx_model(x).values())), expected, rtol=0, atol=0)
+
+
+def test_stage_count_is_checked():
+    with pytest.raises(ValueError, match='1 to 4 stages'):
+        timm.create_model('resnet18_cifar', layers=(1,) * 5, channels=(8,) * 5)
+
+
+@pytest.mark.parametrize('name, kwargs', MODELS)
+def test_forward_intermediates_are_the_feature_maps(name, kwargs):
+    x = torch.randn(2, 3, 32, 32)
+    model = calibrate_bn(timm.create_model(name, **kwargs), x)
+    extractor = timm.create_model(name, features_only=True, **kwargs).eval()
+    result = extractor.load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys
+    getter = timm.create_model(name, features_only=True, feature_cls='getter', out_indices=(0, 1), **kwargs)
+    result = getter.model.load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        for got, expected in zip(maps, extractor(x), strict=True):
+            torch.testing.assert_close(got, expected)
+        assert [m.shape[1] for m in maps] == [f['num_chs'] for f in model.feature_info]
+        assert [32 // m.shape[-1] for m in maps] == [f['reduction'] for f in model.feature_info]
+        torch.testing.assert_close(model.forward_intermediates(x, indices=2, intermediates_only=True), maps[-2:])
+        torch.testing.assert_close(getter.eval()(x), maps[:2])
+        # the WRN's final BN-ReLU applies to its last map on request; the ResNet has none
+        normed = model.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)[0]
+        torch.testing.assert_close(normed, final)

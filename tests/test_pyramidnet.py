@@ -339,3 +339,91 @@ def test_shakedrop_training_forward_and_backward():
     assert torch.isfinite(y.grad).all() and all(torch.isfinite(p.grad).all() for p in model.parameters())
     with torch.no_grad():
         assert not torch.equal(model(y), model(y))  # stochastic in training
+
+
+# ---------------------------------------------------------------- TorchScript, FX, intermediates
+
+def _fx_trace(model: nn.Module) -> nn.Module:
+    """An FX graph of the model's output with timm's leaf modules and functions, as timm's tests trace."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    tracer_kwargs = dict(leaf_modules=timm.models.get_notrace_modules(),
+                         autowrap_functions=timm.models.get_notrace_functions())
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+                                    tracer_kwargs=tracer_kwargs)
+
+
+@pytest.mark.parametrize('name, kwargs, size', [
+    ('pyramidnet110_a48', SMALL_CIFAR, 32),
+    ('pyramidnet164_a270', dict(layers=(1, 1, 1)), 32),
+    ('pyramidnet101_a360', SMALL_IMAGENET, 64),
+])
+def test_torchscript_and_fx_give_the_eager_output(name, kwargs, size):
+    x = torch.randn(2, 3, size, size)
+    with timm.set_scriptable(True):
+        model = timm.create_model(name, num_classes=5, shakedrop_prob=0.5, **kwargs)
+    calibrate_bn(model, x)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=0, atol=0)
+        fx_model = _fx_trace(model).eval()
+        torch.testing.assert_close(next(iter(fx_model(x).values())), expected, rtol=0, atol=0)
+    # the training graph keeps ShakeDrop as one leaf, still random per sample
+    fx_model.train()
+    y = next(iter(fx_model(x).values()))
+    assert y.shape == expected.shape and not torch.equal(y, next(iter(fx_model(x).values())))
+    assert any(isinstance(m, ShakeDrop) for m in fx_model.modules())
+
+
+def test_scripted_shakedrop_refuses_training_instead_of_skipping_it():
+    with timm.set_scriptable(True):
+        model = timm.create_model('pyramidnet110_a48', shakedrop_prob=0.5, **SMALL_CIFAR)
+    scripted = torch.jit.script(model.train())
+    with pytest.raises(torch.jit.Error):
+        scripted(torch.randn(2, 3, 32, 32))
+
+
+def test_shortcut_padding_is_fixed_at_construction():
+    assert PyramidBasicBlock(4, 6).pad_chs == 2 and PyramidBottleneck(8, 6).pad_chs == 16
+    with pytest.raises(ValueError, match='narrow'):
+        PyramidBasicBlock(8, 6)
+    with pytest.raises(ValueError, match='1 to 4 stages'):
+        timm.create_model('pyramidnet110_a48', layers=(1, 1, 1, 1, 1))
+
+
+def _load_all_but_head(target: nn.Module, source: nn.Module) -> None:
+    """Copy the weights a feature extractor kept; only the parts it drops may be missing from it."""
+    result = target.load_state_dict(source.state_dict(), strict=False)
+    assert not result.missing_keys
+    assert all(re.match(r'(fc|bn_final|layer\d+)\.', k) for k in result.unexpected_keys), result.unexpected_keys
+
+
+@pytest.mark.parametrize('name, kwargs, size', [
+    ('pyramidnet110_a48', SMALL_CIFAR, 32),
+    ('pyramidnet101_a360', SMALL_IMAGENET, 64),
+])
+def test_forward_intermediates_are_the_feature_maps(name, kwargs, size):
+    x = torch.randn(2, 3, size, size)
+    model = calibrate_bn(timm.create_model(name, **kwargs), x)
+    extractor = timm.create_model(name, features_only=True, **kwargs).eval()
+    _load_all_but_head(extractor, model)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        for got, expected in zip(maps, extractor(x), strict=True):
+            torch.testing.assert_close(got, expected)
+        assert [m.shape[1] for m in maps] == [f['num_chs'] for f in model.feature_info]
+        assert [size // m.shape[-1] for m in maps] == [f['reduction'] for f in model.feature_info]
+        # a subset, the last n, stop_early, and the final norm on the last stage
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        torch.testing.assert_close(last_two, maps[-2:])
+        _, early = model.forward_intermediates(x, indices=[0, 1], stop_early=True)
+        torch.testing.assert_close(early, maps[:2])
+        normed = model.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)
+        torch.testing.assert_close(normed[0], final)
+
+        getter = timm.create_model(name, features_only=True, feature_cls='getter', out_indices=(1, 2), **kwargs)
+        _load_all_but_head(getter.model, model)  # pruned: the last stage, final norm and classifier are gone
+        torch.testing.assert_close(getter.eval()(x), maps[1:3])
+    assert getter.feature_info.channels() == [f['num_chs'] for f in model.feature_info[1:3]]

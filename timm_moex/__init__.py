@@ -5,7 +5,7 @@ Importing the package registers its models (the PyramidNet family, CIFAR baselin
 """
 from .automix import AutoMix, AutoMixTask, MixBlock, mask_area_loss
 from .bitempered import BiTemperedLogisticLoss, bi_tempered_logistic_loss, tempered_softmax
-from .hooks import STEM_LAYERS, MoExHook, attach_moex, get_moex_hook, resolve_moex_layer
+from .hooks import STEM_LAYERS, MoExHook, attach_moex, get_moex_hook, resolve_moex_layer, strip_moex
 from .losses import MoExLoss
 from .models import create_model, is_moex_variant, register_moex_variant
 from .moex import MOEX_IMPLS, MOEX_NORMS, moment_exchange
@@ -16,7 +16,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     'moment_exchange', 'MOEX_NORMS', 'MOEX_IMPLS',
-    'MoExHook', 'attach_moex', 'get_moex_hook', 'resolve_moex_layer', 'STEM_LAYERS',
+    'MoExHook', 'attach_moex', 'get_moex_hook', 'strip_moex', 'resolve_moex_layer', 'STEM_LAYERS',
     'MoExLoss', 'MoExClassificationTask',
     'create_model', 'is_moex_variant', 'register_moex_variant',
     'BiTemperedLogisticLoss', 'bi_tempered_logistic_loss', 'tempered_softmax',

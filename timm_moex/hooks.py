@@ -4,10 +4,15 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
+from timm.models import FeatureDictNet, FeatureGraphNet, FeatureHookNet
+from timm.models._features import FeatureGetterNet
 
 from .moex import _check_impl, moment_exchange, parse_norm
 
-__all__ = ['MoExHook', 'attach_moex', 'get_moex_hook', 'resolve_moex_layer', 'STEM_LAYERS']
+__all__ = [
+    'MoExHook', 'attach_moex', 'get_moex_hook', 'strip_moex', 'resolve_moex_layer', 'feature_wrapper_layer',
+    'STEM_LAYERS',
+]
 
 STEM_LAYERS: Dict[str, str] = {
     # timm model class -> the module whose output is the stem's output (REFERENCE section 4).
@@ -40,6 +45,46 @@ def _top_level_names(model: nn.Module) -> List[str]:
     return [name for name, _ in model.named_children()]
 
 
+# timm's features_only wrappers (timm.models._features*): where each keeps the modules it wraps.
+_FEATURE_WRAPPERS = (FeatureDictNet, FeatureGetterNet, FeatureGraphNet, FeatureHookNet)
+
+
+def _flattened(name: str) -> str:
+    """A module name after ``flatten_sequential``: the first two levels are joined by '_'."""
+    parts = name.split('.')
+    return '.'.join(['_'.join(parts[:2])] + parts[2:]) if len(parts) > 1 else name
+
+
+def feature_wrapper_layer(wrapper: nn.Module, model: nn.Module, layer: str) -> str:
+    """The name, inside a timm ``features_only`` wrapper, of the module named ``layer`` in ``model``.
+
+    timm's wrappers rename what they keep: ``FeatureListNet`` joins the first two levels of
+    sequential containers (``features.pool0`` becomes ``features_pool0``), ``FeatureGetterNet``
+    keeps the model as ``model``, ``FeatureGraphNet`` as ``graph_module``, ``FeatureHookNet``
+    either flattens or keeps it as ``body``.
+
+    Args:
+        wrapper: The wrapper timm built with ``features_only=True``.
+        model: The same architecture without the wrapper (its weights do not matter: one built
+            on the ``meta`` device will do).
+        layer: A dotted module name of ``model``.
+
+    Returns:
+        The dotted name of the same module in ``wrapper``.
+    """
+    expected = type(model.get_submodule(layer))
+    for name in (layer, _flattened(layer), f'model.{layer}', f'graph_module.{layer}', f'body.{layer}'):
+        try:
+            found = wrapper.get_submodule(name)
+        except AttributeError:
+            continue
+        if type(found) is expected:
+            return name
+    raise ValueError(
+        f'{type(wrapper).__name__} does not keep the module {layer!r} ({expected.__name__}) of '
+        f'{type(model).__name__}; pass layer= one of its modules: {_top_level_names(wrapper)}')
+
+
 def _stem_from_group_matcher(model: nn.Module) -> Optional[str]:
     """The last outermost module that ``group_matcher()['stem']`` names, in registration order."""
     matcher = getattr(model, 'group_matcher', None)
@@ -67,6 +112,13 @@ def resolve_moex_layer(model: nn.Module, layer: str = 'stem') -> str:
     ``group_matcher()['stem']``; any other value must name a module of the model.
     """
     model = _unwrap(model)
+    if layer == 'stem' and isinstance(model, FeatureGetterNet):
+        return 'model.' + resolve_moex_layer(model.model, layer)
+    if layer == 'stem' and isinstance(model, _FEATURE_WRAPPERS):
+        raise ValueError(
+            f"Cannot find the stem of {type(model).__name__}: timm's features_only wrapper does not keep the "
+            f"model's class. Create it as timm.create_model('<name>_moex', features_only=True) or with "
+            f"timm_moex.create_model, or pass layer= one of its modules: {_top_level_names(model)}")
     if layer == 'stem':
         for cls in type(model).__mro__:
             if cls.__name__ in STEM_LAYERS:
@@ -115,7 +167,9 @@ class MoExHook:
         self.eps = eps
         self.detach = detach
         self.channel_dim = channel_dim
-        self._nhwc = getattr(model, 'output_fmt', 'NCHW') == 'NHWC'
+        # a getter wrapper's output_fmt is the format it returns, not the one the model computes in
+        layout_model = model.model if isinstance(model, FeatureGetterNet) else model
+        self._nhwc = getattr(layout_model, 'output_fmt', 'NCHW') == 'NHWC'
         self._model = model
         self._module = model.get_submodule(layer)
         self._perm: Optional[torch.Tensor] = None
@@ -202,3 +256,24 @@ def attach_moex(
 def get_moex_hook(model: nn.Module) -> Optional[MoExHook]:
     """The MoEx hook attached to ``model`` (also inside DDP or torch.compile wrappers), or None."""
     return getattr(_unwrap(model), _HOOK_ATTR, None)
+
+
+def strip_moex(model: nn.Module) -> nn.Module:
+    """The plain model, for export: removes the MoEx hook (if any) in place and returns the model.
+
+    A MoEx hook is a training-time Python forward hook; TorchScript, FX, ONNX and
+    ``torch.export`` want the model without it, e.g.
+    ``torch.jit.script(timm_moex.strip_moex(timm.create_model('resnet50_moex')))``. The
+    weights and ``state_dict`` are untouched, and outputs in eval mode are unchanged.
+
+    Args:
+        model: A model with or without a MoEx hook (also inside DDP or torch.compile wrappers).
+
+    Returns:
+        The plain model (the one inside DDP / DataParallel / torch.compile wrappers).
+    """
+    model = _unwrap(model)
+    hook = getattr(model, _HOOK_ATTR, None)
+    if hook is not None:
+        hook.remove()
+    return model

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from timm.layers import LayerType, create_classifier, get_act_layer, get_norm_layer
 from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.resnet import BasicBlock
 
@@ -21,6 +22,8 @@ __all__ = ['CifarResNet', 'WideResNetCifar', 'WideBasicBlock', 'CIFAR10_MEAN', '
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+_MAX_STAGES = 4
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -36,7 +39,12 @@ def _init_weights(model: nn.Module) -> None:
 
 
 class _CifarNetBase(nn.Module):
-    """Classifier head plumbing shared by the CIFAR networks (``global_pool`` + ``fc``)."""
+    """Stage running, intermediates and head plumbing shared by the CIFAR networks.
+
+    Subclasses define ``forward_stem`` (whose output is ``feature_info[0]``), stages
+    ``layer1``..``layerN`` (1 to 4), ``final_norm`` (identity or the final BN-ReLU),
+    ``global_pool`` and ``fc``.
+    """
     num_stages: int
     grad_checkpointing: bool
 
@@ -46,9 +54,98 @@ class _CifarNetBase(nn.Module):
     def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self._stages(), x, flatten=True)
-        for stage in self._stages():
-            x = stage(x)
+        # named one by one (no getattr loop) so that TorchScript can compile it
+        x = self.layer1(x)
+        if hasattr(self, 'layer2'):
+            x = self.layer2(x)
+        if hasattr(self, 'layer3'):
+            x = self.layer3(x)
+        if hasattr(self, 'layer4'):
+            x = self.layer4(x)
         return x
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, stages (and the final norm where the network has one): the unpooled features."""
+        return self.final_norm(self._run_stages(self.forward_stem(x)))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that also returns the maps of ``feature_info`` (stem, then each stage).
+
+        Args:
+            x: Input image tensor.
+            indices: Take the last n maps if int, all if None, the listed indices if a sequence.
+            norm: Apply the final norm (where the network has one) to the last stage's map when it is taken.
+            stop_early: Stop after the last map taken.
+            output_fmt: Shape of the intermediate maps; only ``'NCHW'``.
+            intermediates_only: Return only the intermediate maps.
+
+        Returns:
+            The final features and the list of maps, or only the list of maps.
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        last_idx = self.num_stages
+
+        x = self.forward_stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        stages = self._stages()
+        if stop_early:
+            stages = stages[:max_index]
+        for feat_idx, stage in enumerate(stages, start=1):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(self.final_norm(x) if norm and feat_idx == last_idx else x)
+
+        if intermediates_only:
+            return intermediates
+        if len(stages) == last_idx:
+            x = self.final_norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Remove the stages (and the head) that the maps at ``indices`` do not need.
+
+        Args:
+            indices: Indices of the maps to keep, as in ``forward_intermediates``.
+            prune_norm: Remove the final norm too.
+            prune_head: Remove the classifier.
+
+        Returns:
+            The absolute indices kept.
+        """
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for i in range(max_index, self.num_stages):
+            setattr(self, f'layer{i + 1}', nn.Sequential())  # empty Sequential: checkpoint_seq can still iterate it
+        if (prune_norm or max_index < self.num_stages) and hasattr(self, 'bn_final'):
+            self.bn_final = nn.Identity()
+            self.act_final = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -112,6 +209,8 @@ class CifarResNet(_CifarNetBase):
         super().__init__()
         if len(layers) != len(channels):
             raise ValueError(f'layers {layers} and channels {channels} must have the same length')
+        if not 1 <= len(layers) <= _MAX_STAGES:
+            raise ValueError(f'CifarResNet has 1 to {_MAX_STAGES} stages, got layers={tuple(layers)}')
         dd = {'device': device, 'dtype': dtype}
         act_layer = get_act_layer(act_layer)
         norm_layer = get_norm_layer(norm_layer)
@@ -172,9 +271,8 @@ class CifarResNet(_CifarNetBase):
             blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)',
         )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))
-        return self._run_stages(x)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act1(self.bn1(self.conv1(x)))
 
 
 class WideBasicBlock(nn.Module):
@@ -302,9 +400,10 @@ class WideResNetCifar(_CifarNetBase):
             blocks=[(r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)', None), (r'^bn_final', (99999,))],
         )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem, stages and the final BN-ReLU: the unpooled features (``num_features`` channels)."""
-        x = self._run_stages(self.conv1(x))
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(x)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.act_final(self.bn_final(x))
 
 

@@ -5,17 +5,23 @@ builds ``resnet50`` exactly as timm would (same weights, same state_dict keys) a
 ``timm_moex.attach_moex`` before returning, so the hook exists before any ``torch.compile``.
 Each variant is registered with its base model's pretrained configs (same files, same hub
 ids), so ``timm.list_pretrained('*_moex')`` and the tags (``resnet50_moex.a1_in1k``) work.
+
+With ``features_only=True`` the hook sits on the same module inside timm's feature wrapper
+(``FeatureListNet``, ``FeatureGetterNet``, ...), so a dense-task backbone still gets MoEx at
+its stem in training. For TorchScript, FX, ONNX or ``torch.export``, ``timm_moex.strip_moex``
+returns the plain model.
 """
 from collections import deque
 from typing import Any, Dict, Optional
 
 import timm
+import torch
 import torch.nn as nn
 from timm.models import register_model
 from timm.models._pretrained import DefaultCfg
 from timm.models._registry import get_arch_pretrained_cfgs, is_model, split_model_name_tag
 
-from ..hooks import attach_moex
+from ..hooks import attach_moex, feature_wrapper_layer, resolve_moex_layer
 
 __all__ = ['create_model', 'register_moex_variant', 'is_moex_variant', 'MOEX_BASE_MODELS']
 
@@ -27,7 +33,7 @@ MOEX_BASE_MODELS = (
     # timm families whose stem output is known (timm_moex.STEM_LAYERS)
     'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d', 'resnext101_32x8d',
     'seresnet50', 'wide_resnet50_2', 'wide_resnet101_2',
-    'densenet121', 'densenet161', 'densenet169', 'densenet201',
+    'densenet121', 'densenet161', 'densenet169', 'densenet201', 'densenet265',
     'convnext_tiny', 'convnext_small', 'convnext_base',
     'efficientnet_b0', 'efficientnet_b1', 'efficientnet_b2', 'efficientnet_b3', 'mobilenetv3_large_100',
     'regnety_016', 'resnetv2_50',
@@ -38,7 +44,29 @@ MOEX_BASE_MODELS = (
 default_cfgs: Dict[str, DefaultCfg] = {}
 
 _MOEX_KWARGS = ('norm', 'layer', 'eps', 'detach', 'channel_dim')
+# create_model arguments that ask for (or configure) timm's features_only wrapper
+_FEATURE_KWARGS = ('features_only', 'out_indices', 'feature_cls', 'feature_cfg')
 _variant_base: Dict[str, str] = {}
+
+
+def _attach(model: nn.Module, model_name: str, kwargs: Dict[str, Any], moex: Dict[str, Any]) -> None:
+    """Attach the hook to ``model``, built by ``timm.create_model(model_name, **kwargs)``.
+
+    A features_only wrapper does not keep the model's class, which finds the stem and the
+    layout: those are read from the same architecture built without the wrapper on the meta
+    device (no memory, no weights), then the layer is looked up under the wrapper's names.
+    """
+    if not kwargs.get('features_only', False):
+        attach_moex(model, **moex)
+        return
+    plain_kwargs = {k: v for k, v in kwargs.items() if k not in _FEATURE_KWARGS + ('pretrained',)}
+    with torch.device('meta'):
+        plain = timm.create_model(model_name, pretrained=False, **plain_kwargs)
+    moex = dict(moex)
+    layer = resolve_moex_layer(plain, moex.pop('layer', 'stem'))
+    if moex.get('channel_dim') is None and getattr(plain, 'output_fmt', 'NCHW') == 'NHWC':
+        moex['channel_dim'] = -1  # channels last in both NHWC maps and (B, N, C) tokens
+    attach_moex(model, layer=feature_wrapper_layer(model, plain, layer), **moex)
 
 
 def _pop_moex_kwargs(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -64,7 +92,7 @@ def register_moex_variant(base: str) -> str:
     def create(pretrained: bool = False, **kwargs) -> nn.Module:
         moex = _pop_moex_kwargs(variant, kwargs)
         model = timm.create_model(base, pretrained=pretrained, **kwargs)
-        attach_moex(model, **moex)
+        _attach(model, base, kwargs, moex)
         return model
 
     create.__name__ = create.__qualname__ = variant
@@ -75,6 +103,7 @@ def register_moex_variant(base: str) -> str:
 
 
 def is_moex_variant(model_name: str) -> bool:
+    """Whether ``model_name`` (tags allowed) is a registered ``<base>_moex`` variant."""
     return split_model_name_tag(model_name)[0] in _variant_base
 
 
@@ -94,7 +123,7 @@ def create_model(model_name: str, moex: Optional[Dict[str, Any]] = None, **kwarg
     if is_moex_variant(model_name):
         return timm.create_model(model_name, **{f'moex_{k}': v for k, v in moex.items()}, **kwargs)
     model = timm.create_model(model_name, **kwargs)
-    attach_moex(model, **moex)
+    _attach(model, model_name, kwargs, moex)
     return model
 
 

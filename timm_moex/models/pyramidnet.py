@@ -17,15 +17,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerType, create_classifier, get_act_layer, get_norm_layer
+from timm.layers import LayerType, create_classifier, get_act_layer, get_norm_layer, register_notrace_module
 from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 __all__ = ['PyramidNet', 'PyramidBasicBlock', 'PyramidBottleneck', 'ShakeDrop', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+_MAX_STAGES = 4
 
 
 class _ShakeDropFunction(torch.autograd.Function):
@@ -45,11 +48,13 @@ class _ShakeDropFunction(torch.autograd.Function):
         return grad_output * (gate + beta * (1 - gate)), None, None, None
 
 
+@register_notrace_module  # random draws shaped by the batch: a leaf for FX tracing
 class ShakeDrop(nn.Module):
     """ShakeDrop on a residual branch with death probability ``p``.
 
     Training: per sample, gate b ~ Bernoulli(1 - p), alpha ~ U[-1, 1] (forward) and
-    beta ~ U[0, 1] (backward). Eval: the expected forward scale, 1 - p.
+    beta ~ U[0, 1] (backward). Eval: the expected forward scale, 1 - p. A TorchScript
+    model runs ShakeDrop in eval mode only (its training path is a custom autograd function).
     """
 
     def __init__(self, p: float = 0.0):
@@ -63,6 +68,10 @@ class ShakeDrop(nn.Module):
             return x
         if not self.training:
             return x * (1.0 - self.p)
+        return self._shake(x)
+
+    @torch.jit.unused
+    def _shake(self, x: torch.Tensor) -> torch.Tensor:
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         # sampled in float32 so that low-precision inputs get the same distributions
         gate = torch.empty(shape, device=x.device, dtype=torch.float32).bernoulli_(1.0 - self.p)
@@ -74,20 +83,16 @@ class ShakeDrop(nn.Module):
         return f'p={self.p:.4f}'
 
 
-def _pad_channels(x: torch.Tensor, num_chs: int) -> torch.Tensor:
-    """Zero-pad the channel dim (dim 1) of an NCHW tensor up to ``num_chs``."""
-    extra = num_chs - x.shape[1]
-    if extra == 0:
-        return x
-    return F.pad(x, (0, 0, 0, 0, 0, extra))
-
-
 class _PyramidBlock(nn.Module):
     """Shared forward: (ShakeDrop of) the residual branch plus the zero-padded shortcut."""
     expansion: int = 1
 
-    def __init__(self, stride: int, shakedrop_prob: float):
+    def __init__(self, in_chs: int, out_chs: int, stride: int, shakedrop_prob: float):
         super().__init__()
+        if out_chs < in_chs:
+            raise ValueError(f'A PyramidNet block cannot narrow the network: {in_chs} -> {out_chs} channels')
+        # a constant known at construction, so that FX and TorchScript see no data-dependent branch
+        self.pad_chs = out_chs - in_chs
         # ceil_mode keeps the shortcut the size of the stride-2 conv output for odd inputs
         self.downsample = nn.AvgPool2d(2, stride=2, ceil_mode=True) if stride != 1 else nn.Identity()
         self.shakedrop = ShakeDrop(shakedrop_prob) if shakedrop_prob > 0 else nn.Identity()
@@ -97,7 +102,10 @@ class _PyramidBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shakedrop(self.residual(x))
-        return out + _pad_channels(self.downsample(x), out.shape[1])
+        shortcut = self.downsample(x)
+        if self.pad_chs > 0:
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.pad_chs))
+        return out + shortcut
 
 
 class PyramidBasicBlock(_PyramidBlock):
@@ -115,7 +123,7 @@ class PyramidBasicBlock(_PyramidBlock):
             device=None,
             dtype=None,
     ):
-        super().__init__(stride, shakedrop_prob)
+        super().__init__(in_chs, planes * self.expansion, stride, shakedrop_prob)
         dd = {'device': device, 'dtype': dtype}
         self.bn1 = norm_layer(in_chs, **dd)
         self.conv1 = nn.Conv2d(in_chs, planes, 3, stride=stride, padding=1, bias=False, **dd)
@@ -145,7 +153,7 @@ class PyramidBottleneck(_PyramidBlock):
             device=None,
             dtype=None,
     ):
-        super().__init__(stride, shakedrop_prob)
+        super().__init__(in_chs, planes * self.expansion, stride, shakedrop_prob)
         dd = {'device': device, 'dtype': dtype}
         out_chs = planes * self.expansion
         self.bn1 = norm_layer(in_chs, **dd)
@@ -186,8 +194,9 @@ def pyramid_widths(layers: Tuple[int, ...], alpha: float, stem_width: int) -> Li
 class PyramidNet(nn.Module):
     """PyramidNet with a CIFAR (3x3 conv + BN) or ImageNet (7x7/2 conv + BN + ReLU + max-pool) stem.
 
-    Top-level children run in registration order: stem (``conv1``, ``bn1`` [, ``act1``,
-    ``maxpool``]), ``layer1``..``layerN``, ``bn_final``, ``act_final``, ``global_pool``, ``fc``.
+    Top-level children run in registration order: stem (``conv1``, ``bn1``, ``act1``,
+    ``maxpool``; the last two are identities in the CIFAR stem), ``layer1``..``layerN``
+    (1 to 4 stages), ``bn_final``, ``act_final``, ``global_pool``, ``fc``.
     """
 
     def __init__(
@@ -226,6 +235,8 @@ class PyramidNet(nn.Module):
         super().__init__()
         if stem_type not in ('cifar', 'imagenet'):
             raise ValueError(f"stem_type must be 'cifar' or 'imagenet', got {stem_type!r}")
+        if not 1 <= len(layers) <= _MAX_STAGES:
+            raise ValueError(f'PyramidNet has 1 to {_MAX_STAGES} stages, got layers={tuple(layers)}')
         dd = {'device': device, 'dtype': dtype}
         act_layer = get_act_layer(act_layer)
         norm_layer = get_norm_layer(norm_layer)
@@ -242,6 +253,9 @@ class PyramidNet(nn.Module):
         if stem_type == 'cifar':
             self.conv1 = nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False, **dd)
             self.bn1 = norm_layer(stem_width, **dd)
+            # always present, so that TorchScript compiles one stem for both types
+            self.act1 = nn.Identity()
+            self.maxpool = nn.Identity()
             self.feature_info = [dict(num_chs=stem_width, reduction=1, module='bn1')]
             reduction = 1
         else:
@@ -301,6 +315,19 @@ class PyramidNet(nn.Module):
     def _stages(self) -> List[nn.Sequential]:
         return [getattr(self, f'layer{i + 1}') for i in range(self.num_stages)]
 
+    def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self._stages(), x, flatten=True)
+        # named one by one (no getattr loop) so that TorchScript can compile it
+        x = self.layer1(x)
+        if hasattr(self, 'layer2'):
+            x = self.layer2(x)
+        if hasattr(self, 'layer3'):
+            x = self.layer3(x)
+        if hasattr(self, 'layer4'):
+            x = self.layer4(x)
+        return x
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Regexes grouping parameters (and top-level modules) into stem, blocks and head."""
@@ -331,20 +358,87 @@ class PyramidNet(nn.Module):
         self.fc.train(self.training)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn1(self.conv1(x))
-        if self.stem_type == 'imagenet':
-            x = self.maxpool(self.act1(x))
-        return x
+        return self.maxpool(self.act1(self.bn1(self.conv1(x))))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, stages and the final BN-ReLU: the unpooled features (``num_features`` channels)."""
-        x = self.forward_stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self._stages(), x, flatten=True)
-        else:
-            for stage in self._stages():
-                x = stage(x)
+        x = self._forward_stages(self.forward_stem(x))
         return self.act_final(self.bn_final(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that also returns the maps of ``feature_info`` (stem, then each stage).
+
+        Args:
+            x: Input image tensor.
+            indices: Take the last n maps if int, all if None, the listed indices if a sequence.
+            norm: Apply the final BN-ReLU to the last stage's map when it is taken.
+            stop_early: Stop after the last map taken.
+            output_fmt: Shape of the intermediate maps; only ``'NCHW'``.
+            intermediates_only: Return only the intermediate maps.
+
+        Returns:
+            The final features and the list of maps, or only the list of maps.
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        last_idx = self.num_stages
+
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+
+        stages = self._stages()
+        if stop_early:
+            stages = stages[:max_index]
+        for feat_idx, stage in enumerate(stages, start=1):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(self.act_final(self.bn_final(x)) if norm and feat_idx == last_idx else x)
+
+        if intermediates_only:
+            return intermediates
+        if len(stages) == last_idx:
+            x = self.act_final(self.bn_final(x))
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Remove the stages (and the head) that the maps at ``indices`` do not need.
+
+        Args:
+            indices: Indices of the maps to keep, as in ``forward_intermediates``.
+            prune_norm: Remove the final BN-ReLU too.
+            prune_head: Remove the classifier.
+
+        Returns:
+            The absolute indices kept.
+        """
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for i in range(max_index, self.num_stages):
+            setattr(self, f'layer{i + 1}', nn.Sequential())  # empty Sequential: checkpoint_seq can still iterate it
+        if prune_norm or max_index < self.num_stages:
+            self.bn_final = nn.Identity()
+            self.act_final = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
