@@ -54,7 +54,7 @@ def main() -> None:
     memory_format = torch.channels_last if on_gpu else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
     automix = AutoMix(model, total_steps=10 ** 6, input_size=(3, args.img_size, args.img_size))
-    optimizer = torch.optim.SGD([*model.parameters(), *automix.mix_block.parameters()], lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD([dict(params=list(model.parameters())), *automix.param_groups()], lr=0.01, momentum=0.9)
     x = torch.randn(batch_size, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch_size,), device=device)
     mixup = Mixup(mixup_alpha=1.0, num_classes=10)

@@ -49,6 +49,8 @@ from timm_moex.config import atomic_write_text
 ROOT = Path(__file__).resolve().parents[1]
 _CUTMIX = ['--cutmix', '1.0', '--mixup-prob', '0.5']  # the CutMix paper's CIFAR values: beta 1, prob 0.5
 _BI_TEMPERED = ['--loss', 'bi_tempered', '--bitempered-t1', '0.8', '--bitempered-t2', '1.2']
+# AutoMix as OpenMixup's CIFAR configs: no lam channel in the Mix Block, a constant mask-area weight
+_AUTOMIX = ['--mix', 'automix', '--automix-lam-embed', 'none', '--automix-area-decay', 'false']
 ARM_SETS: Dict[str, Dict[str, List[str]]] = {
     'moex': {
         'baseline': ['--moex', 'false'],
@@ -73,8 +75,8 @@ ARM_SETS: Dict[str, Dict[str, List[str]]] = {
     'automix': {
         'mixup': ['--moex', 'false', '--mixup', '1.0'],
         'moex': ['--moex', 'true'],
-        'automix': ['--moex', 'false', '--mix', 'automix'],
-        'automix_moex': ['--moex', 'true', '--mix', 'automix'],
+        'automix': ['--moex', 'false', *_AUTOMIX],
+        'automix_moex': ['--moex', 'true', *_AUTOMIX],
     },
     # Issue 7: cross-entropy against the bi-tempered loss under symmetric label noise (no MoEx).
     'label_noise': {

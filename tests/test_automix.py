@@ -1,11 +1,14 @@
 """AutoMix: the Mix Block, the momentum encoder, the task's losses and its state."""
+import copy
 import math
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file, save_file
 
 import timm_moex  # noqa: F401  (registers resnet18_cifar)
@@ -13,8 +16,10 @@ from timm_moex import attach_moex, get_moex_hook
 from timm_moex.automix import (
     AutoMix, AutoMixTask, MixBlock, cosine_ramp, mask_area_loss, mix_images, parse_feature_layer,
     resolve_feature_layer)
+from timm_moex.config import load_config
 
 NUM_CLASSES = 5
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cifar_model(moex=False, seed=0, name='resnet18_cifar'):
@@ -35,9 +40,68 @@ def fixed_lams(monkeypatch, lam_mb, lam):
     monkeypatch.setattr(torch.distributions.Beta, 'sample', lambda self, shape=(): torch.tensor([lam_mb, lam]))
 
 
+def reference_mix_block_mask(block, z, perm, lam, scale):
+    """The released Mix Block (OpenMixup's PixelMixBlock, mask_mode 'none_v_'), written out pair by pair in
+    float64 from its formula: the attention of image i's positions over its partner's (softmax over the
+    partner's), applied to the partner's values; the upsampled sigmoid is the partner's weight, 1 minus it
+    image i's."""
+    wq, bq = block.query.weight.double()[:, :, 0, 0], block.query.bias.double()
+    wv, bv = block.value.weight.double()[:, :, 0, 0], block.value.bias.double()
+
+    def embed(features, weight):  # (C, H, W) -> (C', N)
+        flat = features.double().flatten(1)
+        if block.lam_embed == 'concat':
+            return torch.cat([flat, torch.full_like(flat[:1], weight)])
+        return flat * weight if block.lam_embed == 'mul' else flat
+
+    masks = []
+    for i in range(z.shape[0]):
+        own, partner = embed(z[i], lam), embed(z[int(perm[i])], 1.0 - lam)
+        query, key, value = wq @ own + bq[:, None], wq @ partner + bq[:, None], wv @ partner + bv[:, None]
+        attention = torch.softmax(query.T @ key / math.sqrt(query.shape[0]), dim=1)  # rows: image i's positions
+        assert torch.allclose(attention.sum(1), torch.ones(attention.shape[0], dtype=torch.float64))
+        logits = (attention @ value.T).view(1, 1, *z.shape[-2:])
+        logits = logits.repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # nearest upsampling
+        masks.append(1.0 - torch.sigmoid(logits[0]))
+    return torch.stack(masks)
+
+
+def non_involutive_pairings(monkeypatch, *perms):
+    """Make the task's pairing draws return ``perms`` in turn (the Mix Block's, then the online encoder's)."""
+    queue = [torch.as_tensor(p) for p in perms]
+    monkeypatch.setattr('timm_moex.automix.draw_pairing', lambda kind, n, device: queue.pop(0).to(device))
+
+
 # ---- Mix Block ----
 
-@pytest.mark.parametrize('lam_embed', ['concat', 'mul'])
+@pytest.mark.parametrize('lam_embed', ['none', 'concat', 'mul'])
+def test_mask_equals_the_reference_attention(lam_embed):
+    torch.manual_seed(0)
+    block = MixBlock(6, reduction=2, lam_embed=lam_embed, init_std=0.7)  # large weights: a peaked attention
+    z = torch.randn(4, 6, 3, 3) * 2
+    perm = torch.tensor([1, 2, 3, 0])
+    mask = block(z, perm, 0.3, (12, 12))
+    expected = reference_mix_block_mask(block, z, perm, 0.3, 4)
+    torch.testing.assert_close(mask.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (expected - 0.5).abs().max() > 0.1  # the masks are far from uniform: the test tells axes apart
+    # the released mixing: image i weighted 1 - sigma, its partner sigma
+    x = torch.randn(4, 3, 12, 12)
+    torch.testing.assert_close(mix_images(x, perm, mask), x * mask + x[perm] * (1 - mask))
+
+
+def test_mask_follows_the_partner_values():
+    """The partner's weight is a softmax-weighted average of the partner's values: with a constant value map
+    (only the bias) it is sigmoid(bias) everywhere, whatever the attention."""
+    torch.manual_seed(0)
+    block = MixBlock(4, init_std=1.0)
+    with torch.no_grad():
+        block.value.weight.zero_()
+        block.value.bias.fill_(1.5)
+    mask = block(torch.randn(3, 4, 2, 2) * 3, torch.tensor([2, 0, 1]), 0.5, (2, 2))
+    torch.testing.assert_close(mask, torch.full_like(mask, 1 - torch.sigmoid(torch.tensor(1.5)).item()))
+
+
+@pytest.mark.parametrize('lam_embed', ['none', 'concat', 'mul'])
 @pytest.mark.parametrize('upsample', ['nearest', 'bilinear'])
 def test_mask_has_the_input_size_and_lies_in_0_1(lam_embed, upsample):
     block = MixBlock(16, lam_embed=lam_embed, upsample=upsample, init_std=1.0)  # large weights: a varied mask
@@ -87,12 +151,15 @@ def test_mix_block_needs_maps():
 # ---- mask-area loss and mixing ----
 
 def test_area_loss_by_hand():
+    """The released loss clamps the batch-mean area: max(|mean over the batch of area - lam| - margin, 0)."""
     mask = torch.zeros(2, 1, 4, 4)
     mask[0, :, :2] = 1.0  # area 0.5
-    mask[1, :, :1] = 1.0  # area 0.25
-    assert mask_area_loss(mask, 0.5, margin=0.1).item() == pytest.approx((0.0 + 0.15) / 2)
-    assert mask_area_loss(mask, 0.3, margin=0.0).item() == pytest.approx((0.2 + 0.05) / 2)
-    assert mask_area_loss(mask, 0.4, margin=0.2).item() == 0.0  # both within the margin
+    mask[1, :, :1] = 1.0  # area 0.25; batch mean 0.375
+    assert mask_area_loss(mask, 0.5, margin=0.1).item() == pytest.approx(0.025)
+    assert mask_area_loss(mask, 0.3, margin=0.0).item() == pytest.approx(0.075)
+    assert mask_area_loss(mask, 0.4, margin=0.2).item() == 0.0
+    # each mask is 0.125 from lam, beyond the margin, but their mean is lam: no loss (per sample it would be 0.075)
+    assert mask_area_loss(mask, 0.375, margin=0.05).item() == 0.0
 
 
 @pytest.mark.parametrize('lam', [0.2, 0.8])
@@ -107,9 +174,9 @@ def test_area_loss_moves_the_mask_area_towards_lam(lam):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    end = block(z, perm, lam, (32, 32)).flatten(1).mean(1)
+    end = block(z, perm, lam, (32, 32)).mean().item()  # the loss clamps the batch mean, not each mask
     assert abs(start - lam) > 0.25
-    assert (end - lam).abs().max() < 0.05
+    assert abs(end - lam) < 0.02
 
 
 def test_mix_images():
@@ -172,6 +239,7 @@ def test_momentum_encoder_is_a_frozen_copy_without_moex():
     assert get_moex_hook(automix.encoder) is None and get_moex_hook(model) is not None
     assert not any(p.requires_grad for p in automix.encoder.parameters())
     assert all(p.requires_grad for p in automix.mix_block.parameters())
+    assert all(p.requires_grad for p in automix.mix_head.parameters())
     assert automix.mix_block.query.in_channels == 256 + 1  # layer3 of resnet18_cifar, plus the lam channel
 
 
@@ -192,8 +260,10 @@ def test_momentum_update_copies_then_follows_the_schedule():
             p.add_(1.0)
         model.layer1[0].bn1.running_mean.fill_(7.0)
     automix.update_momentum(model)
-    for old, new, online in zip(before, automix.encoder.parameters(), model.parameters()):
-        torch.testing.assert_close(new, m * old + (1 - m) * online)
+    sources = dict(model.named_parameters())
+    sources.update({f'fc.{n}': p for n, p in automix.mix_head.named_parameters()})  # the mixed-image head
+    for old, (name, new) in zip(before, automix.encoder.named_parameters()):
+        torch.testing.assert_close(new, m * old + (1 - m) * sources[name])
     assert torch.equal(automix.encoder.layer1[0].bn1.running_mean, model.layer1[0].bn1.running_mean)
     assert int(automix.num_updates) == 2
     for _ in range(2):
@@ -205,7 +275,7 @@ def test_checkpoint_round_trip_restores_mix_block_and_momentum_encoder(tmp_path)
     model = cifar_model()
     automix = AutoMix(model, total_steps=10)
     task = AutoMixTask(model, automix, verbose=False)
-    opt = torch.optim.SGD(list(model.parameters()) + list(automix.mix_block.parameters()), lr=0.1)
+    opt = torch.optim.SGD([dict(params=list(model.parameters()))] + automix.param_groups(), lr=0.1)
     for seed in range(3):
         opt.zero_grad()
         task(*batch(seed=seed))['loss'].backward()
@@ -248,27 +318,207 @@ def test_online_logits_do_not_reach_the_mix_block():
     assert all(g.abs().sum() > 0 for g in torch.autograd.grad(result['loss'], params))
 
 
-def test_loss_is_the_sum_of_its_terms_and_the_mixed_images_use_the_mask(monkeypatch):
-    fixed_lams(monkeypatch, 0.35, 0.6)
+PERM_MB = [1, 2, 3, 4, 5, 0]  # no fixed point, not an involution, and unlike PERM
+PERM = [2, 0, 1, 5, 3, 4]
+
+
+def test_losses_match_an_independent_computation(monkeypatch):
+    """Every term recomputed from what the encoders saw and gave: the momentum encoder's logits with perm_mb
+    and lam_mb, the Mix Block's mask (same weights, same features) with lam_mb, the online logits with perm
+    and lam, the clean half."""
+    lam_mb, lam = 0.35, 0.6
+    fixed_lams(monkeypatch, lam_mb, lam)
+    non_involutive_pairings(monkeypatch, PERM_MB, PERM)
     model = cifar_model()
     automix = AutoMix(model, total_steps=8)
-    task = AutoMixTask(model, automix, clean_weight=0.5, area_weight=0.2, verbose=False)
-    seen = []
-    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    task = AutoMixTask(model, automix, clean_weight=0.5, area_weight=0.2, area_decay=False, verbose=False)
+    online, momentum = [], []
+    model.register_forward_hook(lambda m, args, out: online.append((args[0].detach().clone(), out)))
+    automix.encoder.register_forward_hook(lambda m, args, out: momentum.append((args[0].detach().clone(), out)))
     x, y = batch()
     result = task(x, y)
-    assert result['lam'] == pytest.approx(0.6) and not result['plain_mixup'] and not result['moex']
-    online_input = seen[-1]
-    assert online_input.shape[0] == 2 * x.shape[0]
-    torch.testing.assert_close(online_input[x.shape[0]:], x)  # the clean half
-    mask = automix(x, torch.arange(6), 0.5, result['perm'], 0.6)['mask']  # same momentum weights: same mask
-    torch.testing.assert_close(online_input[:x.shape[0]], mix_images(x, result['perm'], mask))
-    out, perm = result['output'], result['perm']
-    mix = 0.6 * F.cross_entropy(out, y) + 0.4 * F.cross_entropy(out, y[perm])
-    torch.testing.assert_close(result['mix_loss'], mix.detach())
-    area_w = 0.2 * cosine_ramp(0, 8)  # the first step: the full weight
-    total = result['mix_loss'] + 0.5 * result['clean_loss'] + result['mix_block_loss'] + area_w * result['area_loss']
-    torch.testing.assert_close(result['loss'].detach(), total, rtol=1e-5, atol=1e-6)
+    assert not result['plain_mixup'] and not result['moex']
+    perm_mb, perm = torch.tensor(PERM_MB), torch.tensor(PERM)
+
+    # the Mix Block's mask for (perm_mb, lam_mb), from the momentum encoder's features (its weights: the model's)
+    with torch.no_grad():
+        z = automix.features(x)
+        mask_mb = automix.mix_block(z, perm_mb, lam_mb, (32, 32))
+        mask = automix.mix_block(z, perm, lam, (32, 32))
+    (seen_mb, logits_mb), = momentum
+    torch.testing.assert_close(seen_mb, mask_mb * x + (1 - mask_mb) * x[perm_mb])
+    mix_block_loss = lam_mb * F.cross_entropy(logits_mb, y) + (1 - lam_mb) * F.cross_entropy(logits_mb, y[perm_mb])
+    area_loss = F.relu((mask_mb.mean() - lam_mb).abs() - 0.1)
+    torch.testing.assert_close(result['mix_block_loss'], mix_block_loss.detach())
+    torch.testing.assert_close(result['area_loss'], area_loss)
+
+    (seen, logits), = online
+    torch.testing.assert_close(seen[:6], mask * x + (1 - mask) * x[perm])  # the mixed half, detached mask
+    torch.testing.assert_close(seen[6:], x)  # the clean half
+    mix_loss = lam * F.cross_entropy(logits[:6], y) + (1 - lam) * F.cross_entropy(logits[:6], y[perm])
+    clean_loss = F.cross_entropy(logits[6:], y)
+    torch.testing.assert_close(result['mix_loss'], mix_loss.detach())
+    torch.testing.assert_close(result['clean_loss'], clean_loss.detach())
+    total = mix_loss + 0.5 * clean_loss + mix_block_loss + 0.2 * area_loss
+    torch.testing.assert_close(result['loss'], total, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('decay', [True, False])
+def test_area_weight_decays_when_asked(monkeypatch, decay):
+    fixed_lams(monkeypatch, 0.35, 0.6)
+    model = cifar_model()
+    automix = AutoMix(model, total_steps=4)
+    task = AutoMixTask(model, automix, area_weight=0.2, area_margin=0.0, area_decay=decay, verbose=False)
+    x, y = batch()
+    task(x, y)  # step 0: the full weight
+    result = task(x, y)  # step 1: cosine_ramp(1, 4) with the decay, the full weight without
+    terms = result['mix_loss'] + result['clean_loss'] + result['mix_block_loss']
+    weight = 0.2 * cosine_ramp(1, 4) if decay else 0.2
+    torch.testing.assert_close(result['loss'].detach(), terms + weight * result['area_loss'], rtol=1e-5, atol=1e-6)
+    assert result['area_loss'] > 0
+
+
+# ---- two heads: the model's classifier for clean images, AutoMix.mix_head for mixed ones ----
+
+def test_mixed_and_clean_images_have_their_own_heads(monkeypatch):
+    fixed_lams(monkeypatch, 0.4, 0.3)
+    model = cifar_model()
+    automix = AutoMix(model)
+    assert isinstance(automix.mix_head, nn.Linear) and automix.mix_head is not model.fc
+    assert torch.equal(automix.mix_head.weight, model.fc.weight)  # starts as a copy
+    with torch.no_grad():
+        automix.mix_head.weight.mul_(-2.0)  # now they differ
+    task = AutoMixTask(model, automix, verbose=False)
+    pooled = []
+    model.fc.register_forward_hook(lambda m, args, out: pooled.append(args[0].detach()))
+    x, y = batch()
+    result = task(x, y)
+    features = pooled[-1]  # (2B, C): the pooled features of the mixed, then the clean images
+    torch.testing.assert_close(result['output'], automix.mix_head(features[:6]))
+    torch.testing.assert_close(result['output_clean'], model.fc(features[6:]))
+    # the mixed-image loss trains the mixed-image head only; the clean loss the model's classifier only
+    mix_loss = 0.3 * F.cross_entropy(result['output'], y) + 0.7 * F.cross_entropy(result['output'], y[result['perm']])
+    mix_grads = torch.autograd.grad(mix_loss, [automix.mix_head.weight, model.fc.weight], retain_graph=True,
+                                    allow_unused=True)
+    assert mix_grads[0].abs().sum() > 0 and (mix_grads[1] is None or mix_grads[1].abs().sum() == 0)
+    result['loss'].backward()
+    assert automix.mix_head.weight.grad.abs().sum() > 0 and model.fc.weight.grad.abs().sum() > 0
+    # outside the task the model is the plain model with its own (clean-image) head
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.fc(model.forward_head(model.forward_features(x), pre_logits=True)))
+
+
+def test_without_clean_images_the_model_classifier_gets_no_gradient():
+    model = cifar_model()
+    task = AutoMixTask(model, clean_weight=0.0, verbose=False)
+    task(*batch())['loss'].backward()
+    grad = model.fc.weight.grad
+    assert grad is None or grad.abs().sum() == 0
+    assert task.automix.mix_head.weight.grad.abs().sum() > 0
+
+
+def test_momentum_head_follows_the_mixed_head():
+    model = cifar_model()
+    automix = AutoMix(model, momentum=0.9)
+    with torch.no_grad():
+        automix.mix_head.weight.fill_(2.0)
+        model.fc.weight.fill_(-1.0)
+    automix.update_momentum(model)  # the first update copies
+    assert torch.equal(automix.encoder.fc.weight, automix.mix_head.weight)
+    assert torch.equal(automix.encoder.conv1.weight, model.conv1.weight)
+    with torch.no_grad():
+        automix.mix_head.weight.fill_(4.0)
+    automix.update_momentum(model)
+    expected = torch.full_like(model.fc.weight, 0.9 * 2.0 + 0.1 * 4.0)
+    torch.testing.assert_close(automix.encoder.fc.weight, expected)
+    # the momentum encoder's logits (those of the Mix Block's loss) come from it
+    x = batch()[0]
+    with torch.no_grad():
+        encoder = automix.encoder.eval()
+        pooled = encoder.forward_head(encoder.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(encoder(x), F.linear(pooled, expected, automix.mix_head.bias))
+
+
+def test_one_shared_head_when_asked():
+    model = cifar_model()
+    automix = AutoMix(model, mix_head=False)
+    assert automix.mix_head is None and len(automix.param_groups()) == 1
+    with torch.no_grad():
+        model.fc.weight.fill_(1.0)
+    automix.update_momentum(model)  # the first update copies: the momentum head follows the model's classifier
+    assert torch.equal(automix.encoder.fc.weight, model.fc.weight)
+    task = AutoMixTask(model, automix, verbose=False)
+    pooled = []
+    model.fc.register_forward_hook(lambda m, args, out: pooled.append(args[0].detach()))
+    result = task(*batch())
+    torch.testing.assert_close(result['output'], model.fc(pooled[-1][:6]))
+
+
+def test_param_groups():
+    automix = AutoMix(cifar_model())
+    head_decay, head_no_decay, block = automix.param_groups(5e-4, mix_block_lr=0.05)
+    assert block == dict(params=list(automix.mix_block.parameters()), weight_decay=5e-4, lr=0.05)
+    assert head_decay['params'] == [automix.mix_head.weight] and head_decay['weight_decay'] == 5e-4
+    assert head_no_decay['params'] == [automix.mix_head.bias] and head_no_decay['weight_decay'] == 0.0
+    assert 'lr' not in head_decay and 'lr' not in head_no_decay  # the optimizer's (the model's) learning rate
+
+
+def test_a_deep_copy_of_the_model_carries_no_automix():
+    """An EMA copy deep-copies the model and its hooks: the head router holds the mixed-image head weakly."""
+    model = cifar_model()
+    automix = AutoMix(model)
+    clone = copy.deepcopy(model)
+    assert not any(isinstance(m, AutoMix) for m in clone.modules())
+    x = batch()[0]
+    with automix.route_mixed(6), torch.no_grad():
+        routed = model.eval()(x)
+        plain = clone.eval()(x)  # the copy's router is never armed
+    torch.testing.assert_close(routed, automix.mix_head(model.forward_head(model.forward_features(x), pre_logits=True)))
+    torch.testing.assert_close(plain, clone.fc(clone.forward_head(clone.forward_features(x), pre_logits=True)))
+
+
+def test_model_without_classifier_is_refused():
+    with pytest.raises(ValueError, match='separate head.*num_classes > 0, or pass mix_head=False'):
+        AutoMix(timm.create_model('resnet18_cifar', num_classes=0))
+
+
+def test_two_forwards_match_the_single_forward_without_batch_norm_coupling(monkeypatch):
+    """With the clean and mixed images in separate forwards the mixed logits are those of the mixed batch
+    alone (its own batch statistics)."""
+    fixed_lams(monkeypatch, 0.4, 0.3)
+    model = cifar_model()
+    task = AutoMixTask(model, two_forwards=True, verbose=False)
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append((args[0].detach().clone(), out)))
+    x, y = batch()
+    result = task(x, y)
+    assert [s[0].shape[0] for s in seen] == [6, 6]
+    torch.testing.assert_close(seen[1][0], x)
+    torch.testing.assert_close(result['output'], seen[0][1])
+    torch.testing.assert_close(result['output_clean'], seen[1][1])
+    torch.testing.assert_close(result['clean_loss'], F.cross_entropy(seen[1][1], y).detach())
+    with pytest.raises(ValueError, match='two_forwards.*DDP'):
+        task.prepare_distributed()
+
+
+# ---- the CIFAR recipes: the released CIFAR configs' Mix Block and losses ----
+
+@pytest.mark.parametrize('name', ['cifar10_resnet18_cifar_automix.yaml', 'cifar10_resnet18_cifar_automix_moex.yaml'])
+def test_cifar_recipes_follow_the_released_cifar_configs(name):
+    path = ROOT / 'hparams' / name
+    data = yaml.safe_load(path.read_text())
+    assert data['automix_lam_embed'] == 'none'  # no lam channel for small-scale datasets
+    assert data['automix_area_decay'] is False and data['automix_area_weight'] == 0.1
+    assert data['automix_area_margin'] == 0.1 and data['automix_lam_margin'] == 0.08
+    assert data['automix_alpha'] == 2.0 and data['automix_upsample'] == 'nearest'
+    assert data['automix_reduction'] == 2 and data['automix_momentum'] == 0.999
+    cfg = load_config(['--config', str(path)], check_paths=False)
+    assert (cfg.automix_lam_embed, cfg.automix_area_decay) == ('none', False)
+    model = timm.create_model(cfg.model, num_classes=10)
+    automix = AutoMix(model, feature_layer=parse_feature_layer(cfg.automix_feature_layer),
+                      lam_embed=cfg.automix_lam_embed, reduction=cfg.automix_reduction)
+    assert automix.feature_layer == 'layer3' and automix.mix_block.query.in_channels == 256  # no extra channel
 
 
 @pytest.mark.parametrize('lam', [0.05, 0.95])
@@ -334,7 +584,7 @@ def test_both_encoders_learn_a_toy_problem():
     model = timm.create_model('resnet10t', num_classes=2)
     automix = AutoMix(model, momentum=0.9, total_steps=40, input_size=(3, 32, 32))
     task = AutoMixTask(model, automix, verbose=False)
-    opt = torch.optim.SGD(list(model.parameters()) + list(automix.mix_block.parameters()), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD([dict(params=list(model.parameters()))] + automix.param_groups(), lr=0.05, momentum=0.9)
     x = torch.randn(16, 3, 32, 32)
     y = torch.arange(16) % 2
     x[y == 1, 0] += 1.5  # class 1: a brighter first channel

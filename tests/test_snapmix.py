@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import timm
@@ -12,8 +13,8 @@ import timm_moex  # noqa: F401  (registers resnet18_cifar)
 from timm_moex import attach_moex, get_moex_hook
 from timm_moex.bitempered import BiTemperedLogisticLoss
 from timm_moex.snapmix import (
-    SnapMixTask, cam_classifier, class_activation_maps, normalize_cams, per_sample_loss, random_box, snapmix_boxes,
-    snapmix_moex_weights, snapmix_paste, snapmix_weights)
+    SnapMixTask, cam_classifier, class_activation_maps, normalize_cams, per_sample_loss, random_box,
+    same_label_weights, snapmix_boxes, snapmix_moex_weights, snapmix_paste, snapmix_weights)
 
 H = W = 8
 WHOLE = (0, H, 0, W)
@@ -35,6 +36,62 @@ def batch(n=4, size=32, seed=0):
 
 def ce(output, target):
     return F.cross_entropy(output, target, reduction='none')
+
+
+# ---- SnapMix's published formulas, written out independently of the module ----
+
+def reference_cams(model, x, y):
+    """SnapMix's CAMs: ReLU'd last feature maps, 1x1-convolved with the classifier (bias included), the
+    target class's map upsampled bilinearly (corners not aligned), shifted to min 0, divided by its sum."""
+    model = copy.deepcopy(model).train()
+    for m in model.modules():  # batch statistics, as the task's CAM pass; the copy's buffers do not matter
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.track_running_stats = False
+    with torch.no_grad():
+        fms = torch.relu(model.forward_features(x)).double()
+    fc = model.get_classifier()
+    maps = torch.einsum('bchw,kc->bkhw', fms, fc.weight.double()) + fc.bias.double()[None, :, None, None]
+    maps = maps[torch.arange(len(y)), y][:, None]
+    maps = F.interpolate(maps, size=x.shape[-2:], mode='bilinear', align_corners=False)[:, 0]
+    out = []
+    for m in maps:
+        m = m - m.min()
+        out.append(m / m.sum())
+    return torch.stack(out)
+
+
+def reference_resize_aligned(patch, height, width):
+    """Bilinear resize with aligned corners, by its formula: output pixel i samples input row i * (h - 1) / (H - 1)."""
+    h, w = patch.shape[-2:]
+    rows = torch.arange(height, dtype=torch.float64) * ((h - 1) / (height - 1) if height > 1 else 0.0)
+    cols = torch.arange(width, dtype=torch.float64) * ((w - 1) / (width - 1) if width > 1 else 0.0)
+    r0, c0 = rows.floor().long().clamp(max=h - 1), cols.floor().long().clamp(max=w - 1)
+    r1, c1 = (r0 + 1).clamp(max=h - 1), (c0 + 1).clamp(max=w - 1)
+    fr, fc = (rows - r0)[:, None], (cols - c0)[None, :]
+    p = patch.double()
+    top = p[..., r0, :][..., c0] * (1 - fc) + p[..., r0, :][..., c1] * fc
+    bottom = p[..., r1, :][..., c0] * (1 - fc) + p[..., r1, :][..., c1] * fc
+    return (top * (1 - fr) + bottom * fr).to(patch.dtype)
+
+
+def reference_paste(x, perm, box_a, box_b):
+    (ta, ba, la, ra), (tb, bb, lb, rb) = box_a, box_b
+    out = x.clone()
+    for i in range(len(x)):
+        out[i, :, ta:ba, la:ra] = reference_resize_aligned(x[perm[i], :, tb:bb, lb:rb], ba - ta, ra - la)
+    return out
+
+
+def reference_weights(cams, perm, box_a, box_b):
+    (ta, ba, la, ra), (tb, bb, lb, rb) = box_a, box_b
+    w_a = torch.stack([1 - cams[i, ta:ba, la:ra].sum() for i in range(len(cams))])
+    w_b = torch.stack([cams[perm[i], tb:bb, lb:rb].sum() for i in range(len(cams))])
+    return w_a, w_b
+
+
+def silu_model(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model('resnet10t', num_classes=5, act_layer='silu')  # features end in a SiLU
 
 
 # ---- label weights ----
@@ -105,6 +162,44 @@ def test_cams_decompose_the_logits():
     torch.testing.assert_close(class_activation_maps(features, fc.weight, soft, normalize=False), raw)
 
 
+def test_cams_apply_a_relu_to_the_features_of_a_silu_model():
+    model = silu_model()
+    x, y = batch(n=4, size=96)
+    task = SnapMixTask(model, verbose=False).train()
+    cams = task.class_activation_maps(x, y)
+    expected = reference_cams(model, x, y)
+    torch.testing.assert_close(cams.double(), expected, rtol=1e-4, atol=1e-7)
+    # the ReLU matters here: the SiLU features have negative values, and without it the maps differ
+    with torch.no_grad():
+        features = copy.deepcopy(model).train().forward_features(x)
+    assert features.min() < -0.1
+    without = class_activation_maps(features, model.get_classifier().weight, y, size=(96, 96), relu=False)
+    assert (without.double() - expected).abs().max() > 0.05 * expected.max()
+    no_relu_task = SnapMixTask(model, cam_relu=False, verbose=False).train()
+    torch.testing.assert_close(no_relu_task.class_activation_maps(x, y), without, rtol=1e-4, atol=1e-7)
+
+
+def test_boxes_have_the_reference_even_sides():
+    """Before clipping, a box spans the centre -/+ cut // 2 with cut = int(side * sqrt(1 - lam))."""
+    torch.manual_seed(0)
+    lam = 0.7  # cut = int(32 * 0.5477) = 17: odd, so the side is 16
+    assert int(32 * math.sqrt(1 - lam)) == 17
+    inner = 0
+    for _ in range(300):
+        top, bottom, left, right = random_box(32, 32, lam)
+        assert 0 <= top <= bottom <= 32 and 0 <= left <= right <= 32
+        assert bottom - top <= 16 and right - left <= 16
+        if 0 < top and bottom < 32:
+            assert bottom - top == 16
+            inner += 1
+        if 0 < left and right < 32:
+            assert right - left == 16
+    assert inner > 50
+    # a box clipped at one border keeps its other edge at centre + 8: the side shrinks from 16
+    clipped = [random_box(32, 32, lam) for _ in range(300)]
+    assert any(0 < b - t < 16 for t, b, _, _ in clipped)
+
+
 def test_boxes_lie_inside_the_image():
     torch.manual_seed(0)
     for _ in range(200):
@@ -127,6 +222,25 @@ def test_paste_copies_the_partner_box():
     resized = snapmix_paste(x, perm, (0, 8, 0, 8), (2, 4, 2, 4))  # 2x2 upsampled to the image
     assert resized.shape == x.shape and not torch.equal(resized, x)
     torch.testing.assert_close(snapmix_paste(x, perm, EMPTY, WHOLE), x)
+
+
+@pytest.mark.parametrize('box_a, box_b', [((1, 7, 0, 5), (2, 5, 3, 8)), ((0, 3, 2, 8), (0, 8, 0, 8))])
+def test_paste_resizes_with_aligned_corners(box_a, box_b):
+    x = torch.randn(3, 2, H, W)
+    perm = torch.tensor([2, 0, 1])
+    out = snapmix_paste(x, perm, box_a, box_b)
+    torch.testing.assert_close(out, reference_paste(x, perm, box_a, box_b))
+    (ta, ba, la, ra), (tb, bb, lb, rb) = box_a, box_b
+    # aligned corners: the pasted box's corner pixels are the source box's corner pixels
+    torch.testing.assert_close(out[:, :, ta, la], x[perm][:, :, tb, lb])
+    torch.testing.assert_close(out[:, :, ba - 1, ra - 1], x[perm][:, :, bb - 1, rb - 1])
+
+
+def test_same_label_weights_double_the_total():
+    w_a, w_b = torch.tensor([0.7, 0.6, 0.2]), torch.tensor([0.1, 0.3, 0.5])
+    a, b = same_label_weights(w_a, w_b, torch.tensor([True, False, True]))
+    torch.testing.assert_close(a, torch.tensor([0.8, 0.6, 0.7]))
+    torch.testing.assert_close(b, torch.tensor([0.8, 0.3, 0.7]))
 
 
 def test_snapmix_moex_weights_reduce_to_cutmix_moex_and_to_snapmix():
@@ -182,6 +296,8 @@ def test_arguments_are_checked():
         SnapMixTask(model, moex_lam=-0.1, verbose=False)
     with pytest.raises(TypeError, match='MoExHook'):
         SnapMixTask(model, hook='stem', verbose=False)
+    with pytest.raises(ValueError, match="same_label must be one of.*'twice'"):
+        SnapMixTask(model, same_label='twice', verbose=False)
 
 
 # ---- the task ----
@@ -300,3 +416,61 @@ def test_with_the_bi_tempered_loss():
     expected = (w_a * per(result['output'], y) + w_b * per(result['output'], y[perm])).mean()
     torch.testing.assert_close(result['loss'], expected)
     result['loss'].backward()
+
+
+# ---- the task against SnapMix's formulas, computed independently ----
+
+BOX_A, BOX_B = (3, 9, 1, 11), (0, 8, 4, 8)  # different sizes and places: swapping them changes everything
+PERM = torch.tensor([2, 3, 1, 0, 5, 4])  # no fixed point, not an involution
+
+
+def fixed_draws(monkeypatch):
+    monkeypatch.setattr('timm_moex.snapmix.snapmix_boxes', lambda h, w, alpha: (BOX_A, BOX_B))
+    randperm = torch.randperm
+    monkeypatch.setattr(torch, 'randperm', lambda n, **kw: PERM.clone() if n == len(PERM) else randperm(n, **kw))
+
+
+@pytest.mark.parametrize('model_fn, size', [(cifar_model, 32), (silu_model, 64)])
+def test_task_weights_and_pasted_input_match_an_independent_computation(monkeypatch, model_fn, size):
+    fixed_draws(monkeypatch)
+    model = model_fn()
+    task = SnapMixTask(model, verbose=False).train()
+    x, y = batch(n=6, size=size, seed=3)
+    cams = reference_cams(model, x, y)  # before the task's forward changes the running statistics
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    result = task(x, y)
+    assert result['snapmix'] and torch.equal(result['perm'], PERM) and result['boxes'] == (BOX_A, BOX_B)
+    w_a, w_b = reference_weights(cams, PERM, BOX_A, BOX_B)
+    torch.testing.assert_close(result['weights'][0].double(), w_a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(result['weights'][1].double(), w_b, rtol=1e-4, atol=1e-6)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], reference_paste(x, PERM, BOX_A, BOX_B))
+    out = result['output'].double()
+    expected = (w_a * ce(out, y) + w_b * ce(out, y[PERM])).mean()
+    torch.testing.assert_close(result['loss'].double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_same_label_double_matches_the_reference_weights(monkeypatch):
+    fixed_draws(monkeypatch)
+    model = cifar_model()
+    x, _ = batch(n=6, seed=3)
+    y = torch.tensor([0, 1, 0, 0, 2, 2])  # equal labels in the pairs (0, 2), (3, 0), (4, 5), (5, 4)
+    same = y == y[PERM]
+    assert same.tolist() == [True, False, False, True, True, True]
+    cams = reference_cams(model, x, y)
+    w_a, w_b = reference_weights(cams, PERM, BOX_A, BOX_B)
+    result = SnapMixTask(model, same_label='double', verbose=False).train()(x, y)
+    got_a, got_b = (w.double() for w in result['weights'])
+    torch.testing.assert_close(got_a[same], (w_a + w_b)[same], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_b[same], (w_a + w_b)[same], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_a[~same], w_a[~same], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_b[~same], w_b[~same], rtol=1e-4, atol=1e-6)
+    out = result['output'].double()
+    # a same-label sample's loss weight is 2 (w_a + w_b) on its one label
+    expected = torch.where(same, 2 * (w_a + w_b) * ce(out, y), w_a * ce(out, y) + w_b * ce(out, y[PERM])).mean()
+    torch.testing.assert_close(result['loss'].double(), expected, rtol=1e-4, atol=1e-6)
+    # the default adds them: w_a + w_b in total
+    fixed_draws(monkeypatch)
+    default = SnapMixTask(cifar_model(), verbose=False).train()(x, y)
+    torch.testing.assert_close(default['weights'][0].double(), w_a, rtol=1e-4, atol=1e-6)

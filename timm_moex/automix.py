@@ -1,39 +1,53 @@
 """AutoMix: a mixing mask learned by a small cross-attention Mix Block, trained through a momentum encoder.
 
 Liu, Li, Zang, Wang, Wu, Zhou, Li, "AutoMix: Unveiling the Power of Mixup for Stronger
-Classifiers", ECCV 2022. For a batch ``x`` with pairing ``perm`` and ``lam ~ Beta(2, 2)``:
+Classifiers", ECCV 2022, as in the authors' released code (OpenMixup). For a batch ``x`` with
+pairing ``perm`` and ``lam ~ Beta(2, 2)``:
 
 * the momentum (EMA) copy of the encoder gives mid-level feature maps ``z`` of ``x``
   (the output of the stage before the last by default: a ResNet's third stage);
-* the Mix Block embeds ``lam`` into ``z_i`` and ``1 - lam`` into ``z_perm[i]`` (one extra
-  constant channel each, the released configs' choice), projects both with one shared 1x1
-  convolution (query = key projection), takes the scaled dot-product attention ``P`` between
-  the positions of the two maps (softmax over the partner's positions), and a 1x1 "value"
-  convolution of ``z_i`` to one channel ``v``; the mask logits at the partner's position q are
-  ``sum_p v[p] P[p, q]``, upsampled to the image size and put through a sigmoid;
+* the Mix Block embeds ``lam`` into ``z_i`` and ``1 - lam`` into ``z_perm[i]`` (an extra
+  constant channel each, the released ImageNet configs' choice; the released CIFAR configs
+  embed nothing: ``lam_embed='none'``), projects both with one shared 1x1 convolution
+  (query = key projection) and takes the scaled dot-product attention ``P`` between the
+  positions p of image i and q of its partner, normalized over the partner's positions
+  (``sum_q P[p, q] = 1``). A 1x1 "value" convolution of the partner's map gives one channel
+  ``v``, and the partner's weight at image i's position p is ``s[p] = sigmoid(sum_q P[p, q]
+  v[q])`` (the logits upsampled to the image size first): a weighted average of the partner's
+  values. Image i's weight is the mask ``M = 1 - s``;
 * the mixed image is ``M * x_i + (1 - M) * x_perm[i]`` with the label ``lam * y_i + (1 - lam) * y_perm[i]``.
 
 Training has two decoupled flows in one backward pass (the "momentum pipeline"):
 
 * the Mix Block learns from the mixup loss of its mixed images through the momentum encoder,
   whose weights take no gradient, plus a mask-area loss ``max(|mean(M) - lam| - margin, 0)``
-  (weight 0.1, margin 0.1, decaying to 0 over training on a cosine);
+  on the batch-mean area (weight 0.1, margin 0.1; optionally decaying to 0 over training on a
+  cosine, as in the released ImageNet configs);
 * the online encoder learns from mixed images made with the Mix Block's mask detached (its
   own ``lam`` and pairing, as in the released code), plus a plain loss on the clean images;
   when ``lam`` or ``1 - lam`` is at most ``lam_margin`` (0.08) the online encoder gets plain
   Mixup images instead.
 
+Two classifier heads, as in the released code: the model's own classifier takes the clean
+images and a copy of it (:attr:`AutoMix.mix_head`) the mixed ones; the momentum encoder's
+classifier follows the mixed-image head, its backbone the model's. The model keeps the
+clean-image head, the head of the released code's inference path.
+
 The momentum encoder follows the online one with a momentum rising on a cosine from 0.999
-towards 1 over training. :class:`AutoMix` holds the Mix Block and the momentum encoder (one
-module for DDP, the optimizer's extra parameter group and the checkpoint);
-:class:`AutoMixTask` is the timm training task that draws ``lam`` and the pairings and adds
-the losses, optionally with MoEx on the online encoder's stem (same pairing as the mixing).
+towards 1 over training (the released code holds 0.999 for the first 10 % of the steps and
+ends at 0.999999: at most 2.5e-5 apart). :class:`AutoMix` holds the Mix Block, the mixed-image
+head and the momentum encoder (one module for DDP, the optimizer's extra parameter groups and
+the checkpoint); :class:`AutoMixTask` is the timm training task that draws ``lam`` and the
+pairings and adds the losses, optionally with MoEx on the online encoder's stem (same pairing
+as the mixing).
 """
+import contextlib
 import copy
 import logging
 import math
 import re
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -49,7 +63,7 @@ __all__ = ['AutoMix', 'AutoMixTask', 'MixBlock', 'mask_area_loss', 'mix_images',
 
 _logger = logging.getLogger(__name__)
 
-LAM_EMBEDS = ('concat', 'mul')
+LAM_EMBEDS = ('none', 'concat', 'mul')
 UPSAMPLE_MODES = ('nearest', 'bilinear')
 _ACCEPTED = ('accepted: a timm CNN with feature_info, whose stages give (B, C, H, W) maps (ResNet, ResNeXt, '
              'ConvNeXt, RegNet, EfficientNet, DenseNet, resnet18_cifar, PyramidNet, ...)')
@@ -103,13 +117,21 @@ class MixBlock(nn.Module):
     """Predicts the mixing mask of each pair from their feature maps and ``lam``.
 
     ``forward(features, perm, lam, size)`` returns the mask ``M`` (B, 1, *size) in [0, 1],
-    float32: the weight of image i, ``1 - M`` being that of image ``perm[i]``.
+    float32: the weight of image i, ``1 - M`` being that of image ``perm[i]``. With ``z_a``
+    and ``z_b`` the maps of image i and of its partner (``lam`` / ``1 - lam`` embedded),
+    ``W_q`` the shared query/key projection and ``W_v`` the value projection::
+
+        P[p, q] = softmax_q( (W_q z_a)[p] . (W_q z_b)[q] / sqrt(C') )
+        M[p]    = 1 - sigmoid( upsample( sum_q P[p, q] (W_v z_b)[q] ) )
+
+    (the released code's mask for ``1 - lam``, its ``mask_mode='none_v_'``).
 
     Args:
         in_chs: Channels of the feature maps.
         reduction: The query/key projection has ``in_chs // reduction`` channels.
-        lam_embed: 'concat' (a constant channel of ``lam`` / ``1 - lam``, the released AutoMix
-            configs) or 'mul' (the maps scaled by ``lam`` / ``1 - lam``, the paper's formula).
+        lam_embed: 'concat' (a constant channel of ``lam`` / ``1 - lam``, the released ImageNet
+            configs), 'none' (no ``lam`` input, the released CIFAR configs) or 'mul' (the maps
+            scaled by ``lam`` / ``1 - lam``, the paper's formula).
         upsample: 'nearest' or 'bilinear' upsampling of the mask logits to the image size.
         init_std: Standard deviation of the normal init of the 1x1 convolutions (zero biases),
             so that the first masks are close to 0.5 everywhere.
@@ -137,6 +159,8 @@ class MixBlock(nn.Module):
             nn.init.zeros_(conv.bias)
 
     def _embed(self, z: torch.Tensor, lam: float) -> torch.Tensor:
+        if self.lam_embed == 'none':
+            return z
         if self.lam_embed == 'mul':
             return z * lam
         return torch.cat([z, z.new_full((z.shape[0], 1, *z.shape[2:]), lam)], dim=1)
@@ -149,21 +173,24 @@ class MixBlock(nn.Module):
         z_b = self._embed(features[perm], 1.0 - lam)
         q = self.query(z_a).flatten(2).float()  # (B, C', N): positions of image i
         k = self.query(z_b).flatten(2).float()  # (B, C', N): positions of its partner
-        v = self.value(z_a).flatten(2).float()  # (B, 1, N)
+        v = self.value(z_b).flatten(2).float()  # (B, 1, N): the partner's values
         # float32 from here on, autocast or not: the N x N logits overflow in fp16 with large features
         with torch.autocast(device_type=q.device.type, enabled=False):
             attn = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(self.inner_chs), dim=-1)  # (B, N_i, N_partner)
-            logits = (v @ attn).view(b, 1, h, w)
+            logits = (attn @ v.transpose(1, 2)).view(b, 1, h, w)  # the partner's weight, before the sigmoid
             if (h, w) != tuple(size):
                 kwargs = dict(align_corners=False) if self.upsample == 'bilinear' else {}
                 logits = F.interpolate(logits, size=tuple(size), mode=self.upsample, **kwargs)
-            return torch.sigmoid(logits)
+            return 1.0 - torch.sigmoid(logits)
 
 
 def mask_area_loss(mask: torch.Tensor, lam: float, margin: float = 0.1) -> torch.Tensor:
-    """``mean_i max(|mean(M_i) - lam| - margin, 0)``: keeps each mask's area near ``lam``."""
-    area = mask.flatten(1).float().mean(1)
-    return F.relu((area - lam).abs() - margin).mean()
+    """``max(|mean(M) - lam| - margin, 0)``: keeps the batch-mean area of the masks near ``lam``.
+
+    The mean runs over the whole batch, as in the released code: single masks may stray from
+    ``lam`` as long as their average does not.
+    """
+    return F.relu((mask.float().mean() - lam).abs() - margin)
 
 
 def mix_images(x: torch.Tensor, perm: torch.Tensor, mask: Union[torch.Tensor, float]) -> torch.Tensor:
@@ -174,17 +201,59 @@ def mix_images(x: torch.Tensor, perm: torch.Tensor, mask: Union[torch.Tensor, fl
     return partner + mask * (x - partner)
 
 
-class AutoMix(nn.Module):
-    """The parts of AutoMix that live beside the model: the Mix Block and the momentum encoder.
+class _HeadRouter:
+    """Forward hook of the model's classifier: its first ``rows`` inputs go through the mixed-image head instead.
 
-    One module so that DDP wraps it once (the Mix Block's gradients are averaged; the momentum
-    encoder's weights take no gradient), the optimizer gets the Mix Block's parameters as their
-    own group, and ``state_dict`` carries everything a resume needs (``num_updates`` too).
+    Armed only inside :meth:`AutoMix.route_mixed`; a plain forward is untouched. The head is
+    held weakly, so that a deep copy of the model (an EMA copy, say) carries a disarmed router
+    and no copy of :class:`AutoMix`.
+    """
+
+    def __init__(self, head: nn.Module):
+        self._head = weakref.ref(head)
+        self.rows: Optional[int] = None
+
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> Optional[torch.Tensor]:
+        head = self._head()
+        if self.rows is None or head is None:
+            return None
+        mixed = head(args[0][:self.rows])
+        return torch.cat([mixed.to(output.dtype), output[self.rows:]]) if output.shape[0] > self.rows else mixed
+
+
+def _classifier_name(model: nn.Module) -> str:
+    get_classifier = getattr(model, 'get_classifier', None)
+    classifier = get_classifier() if callable(get_classifier) else None
+    if isinstance(classifier, nn.Module) and any(True for _ in classifier.parameters()):
+        for name, module in model.named_modules():
+            if module is classifier and name:
+                return name
+    raise ValueError(f'AutoMix trains a separate head on the mixed images, but {type(model).__name__} has no '
+                     f'classifier with parameters among its modules (get_classifier() gave '
+                     f'{type(classifier).__name__}); build it with num_classes > 0, or pass mix_head=False')
+
+
+class AutoMix(nn.Module):
+    """The parts of AutoMix that live beside the model: the Mix Block, the mixed-image head and the momentum encoder.
+
+    One module so that DDP wraps it once (the Mix Block's and the mixed-image head's gradients
+    are averaged; the momentum encoder's weights take no gradient), the optimizer gets their
+    parameters as their own groups (:meth:`param_groups`), and ``state_dict`` carries everything
+    a resume needs (``num_updates`` too).
+
+    The released code trains separate classifier heads on the clean and on the mixed images.
+    Here the model's own classifier is the clean-image head and ``mix_head``, a copy of it made
+    here (same initial weights), the mixed-image head: inside :meth:`route_mixed` the
+    classifier's forward hook sends the first rows of the batch through ``mix_head``. The
+    momentum encoder's classifier follows ``mix_head`` (the head whose loss trains the Mix
+    Block), its other weights the model's. The model keeps the clean-image head: the released
+    code validates all of its heads and deploys (``forward_inference``) the clean-image one.
 
     Args:
         model: The online encoder (a timm CNN); a deep copy of it, without its MoEx hook,
             becomes the momentum encoder. Build this before ``torch.compile`` / DDP-wrapping
-            the model, or pass the wrapped model (it is unwrapped).
+            the model (the classifier's hook must be in place before compiling), or pass the
+            wrapped model (it is unwrapped).
         feature_layer: See :func:`resolve_feature_layer`.
         reduction, lam_embed, upsample: See :class:`MixBlock`.
         momentum: The momentum at the start; it rises on a cosine to 1 at ``total_steps``.
@@ -192,6 +261,8 @@ class AutoMix(nn.Module):
             None keeps ``momentum`` constant.
         input_size: (C, H, W) of the dry run that finds the feature maps' channels; default the
             model's ``pretrained_cfg['input_size']``.
+        mix_head: A separate classifier for the mixed images (the released code); False shares
+            the model's classifier between clean and mixed images.
     """
 
     def __init__(
@@ -204,6 +275,7 @@ class AutoMix(nn.Module):
             momentum: float = 0.999,
             total_steps: Optional[int] = None,
             input_size: Optional[Tuple[int, int, int]] = None,
+            mix_head: bool = True,
     ):
         super().__init__()
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
@@ -213,6 +285,7 @@ class AutoMix(nn.Module):
             raise ValueError(f'total_steps must be a positive integer or None; got {total_steps!r}')
         online = _unwrap(model)
         self.feature_layer = resolve_feature_layer(online, feature_layer)
+        self.classifier_name = _classifier_name(online) if mix_head else None
         self.base_momentum = float(momentum)
         self.total_steps = total_steps
         self.encoder = _momentum_copy(online)
@@ -221,11 +294,58 @@ class AutoMix(nn.Module):
         self.mix_block = MixBlock(channels, reduction=reduction, lam_embed=lam_embed, upsample=upsample)
         param = next(online.parameters())
         self.mix_block.to(device=param.device, dtype=param.dtype)
+        self.mix_head: Optional[nn.Module] = None
+        self._router: Optional[_HeadRouter] = None
+        if mix_head:
+            classifier = online.get_submodule(self.classifier_name)
+            self.mix_head = copy.deepcopy(classifier)
+            for p in self.mix_head.parameters():
+                p.requires_grad_(True)
+            self._router = _HeadRouter(self.mix_head)
+            self._router_handle = classifier.register_forward_hook(self._router)
         # The count lives in the state_dict (resume) and, mirrored, on the host: reading a
         # device buffer every step would synchronize with the GPU.
         self.register_buffer('num_updates', torch.zeros((), dtype=torch.long, device=param.device))
         self._updates = 0
         self.register_load_state_dict_post_hook(_mirror_update_count)
+
+    @contextlib.contextmanager
+    def route_mixed(self, rows: int) -> Iterator[None]:
+        """Within this context the model's forwards give ``mix_head``'s logits for their first ``rows`` samples.
+
+        The clean-image head (the model's classifier) keeps the other rows. A no-op without a
+        mixed-image head.
+        """
+        if self._router is None:
+            yield
+            return
+        self._router.rows = int(rows)
+        try:
+            yield
+        finally:
+            self._router.rows = None
+
+    def param_groups(self, weight_decay: float = 0.0, mix_block_lr: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Optimizer parameter groups for ``optimizer.add_param_group``: the mixed-image head's, then the Mix Block's.
+
+        The head's groups take the optimizer's learning rate, with ``weight_decay`` on its
+        weights and none on its biases (timm's convention for the model); the Mix Block's group
+        (the last) has ``weight_decay`` on all its parameters and the learning rate
+        ``mix_block_lr`` when given.
+
+        Returns:
+            A list of parameter-group dicts.
+        """
+        groups = []
+        if self.mix_head is not None:
+            params = list(self.mix_head.parameters())
+            decay = [p for p in params if p.ndim > 1]
+            no_decay = [p for p in params if p.ndim <= 1]
+            groups += [dict(params=g, weight_decay=wd) for g, wd in ((decay, weight_decay), (no_decay, 0.0)) if g]
+        block = dict(params=list(self.mix_block.parameters()), weight_decay=weight_decay)
+        if mix_block_lr is not None:
+            block['lr'] = mix_block_lr
+        return groups + [block]
 
     def _probe_channels(self, online: nn.Module, input_size: Optional[Tuple[int, int, int]]) -> int:
         input_size = input_size or getattr(online, 'pretrained_cfg', {}).get('input_size') or (3, 224, 224)
@@ -280,13 +400,20 @@ class AutoMix(nn.Module):
 
     @torch.no_grad()
     def update_momentum(self, model: nn.Module) -> None:
-        """Move the momentum encoder towards ``model`` (the first call copies it); buffers are copied."""
+        """Move the momentum encoder towards ``model`` (the first call copies it); buffers are copied.
+
+        The momentum encoder's classifier follows ``mix_head`` when there is one.
+        """
         online = _unwrap(model)
-        mine = list(self.encoder.parameters())
-        theirs = list(online.parameters())
-        if len(mine) != len(theirs):
+        sources = dict(online.named_parameters())
+        if self.mix_head is not None:
+            sources.update((f'{self.classifier_name}.{n}', p) for n, p in self.mix_head.named_parameters())
+        names = [n for n, _ in self.encoder.named_parameters()]
+        if len(sources) != len(names) or any(n not in sources for n in names):
             raise ValueError(f'{type(online).__name__} does not match the momentum encoder '
-                             f'({len(theirs)} vs {len(mine)} parameter tensors)')
+                             f'({len(sources)} vs {len(names)} parameter tensors)')
+        mine = list(self.encoder.parameters())
+        theirs = [sources[n] for n in names]
         if self._updates == 0:
             for a, b in zip(mine, theirs):
                 a.copy_(b)
@@ -336,14 +463,21 @@ class AutoMixTask(ClassificationTask):
     Each training batch: ``lam_mb, lam ~ Beta(alpha, alpha)`` and two pairings (the Mix
     Block's and the online encoder's); the momentum encoder is updated from the online one;
     then one forward of :class:`AutoMix` and one of the model, on the mixed images followed by
-    the clean ones (one batch of 2B: one DDP forward). The loss is
+    the clean ones (one batch of 2B: one DDP forward; the released code runs two forwards,
+    offered as ``two_forwards``). The loss is
 
-        mixup_loss(online(mixed), y, perm, lam) + clean_weight * loss(online(x), y)
+        mixup_loss(mix_head(online(mixed)), y, perm, lam) + clean_weight * loss(online(x), y)
         + mixup_loss(momentum(mixed_mb), y, perm_mb, lam_mb) + w_area * mask_area_loss(M_mb, lam_mb)
 
-    with ``mixup_loss(out, y, perm, lam) = lam * loss(out, y) + (1 - lam) * loss(out, y[perm])``
-    and ``w_area = area_weight`` times a cosine from 1 to 0 over ``automix.total_steps`` when
-    ``area_decay``. Only the Mix Block gets the last two terms' gradients.
+    with ``mixup_loss(out, y, perm, lam) = lam * loss(out, y) + (1 - lam) * loss(out, y[perm])``,
+    the mixed images' logits from :attr:`AutoMix.mix_head` and the clean ones' from the model's
+    classifier (see :class:`AutoMix`), and ``w_area = area_weight``, times a cosine from 1 to 0
+    over ``automix.total_steps`` when ``area_decay``. Only the Mix Block gets the last two
+    terms' gradients.
+
+    The single 2B forward differs from the released code's two forwards in the batch-norm
+    statistics: the mixed and the clean images are normalized together, and the running
+    statistics take one update per step instead of two.
 
     With MoEx (``hook`` given, drawn with ``moex_prob``): the mixed sample i takes the stem
     moments of the mixed sample ``perm[i]`` (the same pairing; the clean half is not
@@ -357,16 +491,20 @@ class AutoMixTask(ClassificationTask):
         alpha: Beta(alpha, alpha) of lam (the paper: 2).
         lam_margin: Plain Mixup for the online encoder when lam or 1 - lam is at most this.
         clean_weight: Weight of the loss on the clean images (0 skips them).
-        area_weight, area_margin, area_decay: The mask-area loss.
+        area_weight, area_margin, area_decay: The mask-area loss (the released CIFAR configs:
+            0.1, 0.1, no decay; the ImageNet ones decay the weight).
         pairing: 'random' (random permutations) or 'flip' (i with B-1-i).
         hook, moex_prob, moex_lam: MoEx on the online encoder (hook None: no MoEx).
+        two_forwards: Mixed and clean images in two forwards of the model, as the released
+            code (single process only: DDP needs one forward per backward).
         criterion, criterion_kwargs, device, dtype, verbose: as ``timm.task.ClassificationTask``
             (targets are class indices).
 
-    The result dict holds 'loss', 'output' (the logits of the mixed images), 'automix',
-    'moex', 'lam', 'perm', 'plain_mixup' (lam was within the margin), 'mask_area' (mean of
-    the Mix Block's training mask), and the loss terms 'mix_loss', 'clean_loss',
-    'mix_block_loss' and 'area_loss' (detached).
+    The result dict holds 'loss', 'output' (the mixed images' logits), 'output_clean' (the
+    clean images' logits, or None), 'automix', 'moex', 'lam', 'perm', 'lam_mb', 'perm_mb',
+    'plain_mixup' (lam was within the margin), 'mask_area' (mean of the Mix Block's training
+    mask), and the loss terms 'mix_loss', 'clean_loss', 'mix_block_loss' and 'area_loss'
+    (detached).
     """
 
     def __init__(
@@ -383,6 +521,7 @@ class AutoMixTask(ClassificationTask):
             hook: Optional[MoExHook] = None,
             moex_prob: float = 0.25,
             moex_lam: float = 0.5,
+            two_forwards: bool = False,
             criterion: Optional[Union[nn.Module, Callable]] = None,
             criterion_kwargs: Optional[Dict[str, Any]] = None,
             device: Optional[torch.device] = None,
@@ -420,6 +559,7 @@ class AutoMixTask(ClassificationTask):
         self.hook = hook
         self.moex_prob = moex_prob
         self.moex_lam = moex_lam
+        self.two_forwards = bool(two_forwards)
         self.mixup_loss = MoExLoss(self.criterion)  # lam * l(y) + (1 - lam) * l(y[perm])
         if self.verbose:
             moex = f', {hook}, moex_prob={moex_prob}, moex_lam={moex_lam}' if hook is not None else ''
@@ -434,6 +574,9 @@ class AutoMixTask(ClassificationTask):
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'AutoMixTask':
         """Wrap the model and the AutoMix module (the Mix Block's gradients) in DDP."""
         from torch.nn.parallel import DistributedDataParallel as DDP
+        if self.two_forwards:
+            raise ValueError('two_forwards runs the model twice per backward, which DDP does not support; '
+                             'use the single forward (two_forwards=False) for distributed training')
         super().prepare_distributed(device_ids=device_ids, **ddp_kwargs)
         self.automix = DDP(self.automix, device_ids=device_ids, **ddp_kwargs)
         return self
@@ -470,14 +613,25 @@ class AutoMixTask(ClassificationTask):
 
         plain = min(lam, 1.0 - lam) <= self.lam_margin
         mixed = mix_images(input, perm, lam if plain else mixer['mask'])
-        batch = torch.cat([mixed, input]) if self.clean_weight > 0 else mixed
+        clean = self.clean_weight > 0
         moex = self.hook is not None and coin(self.moex_prob)
-        if moex:  # the clean half keeps its own moments (the identity pairing)
-            donors = perm if batch.shape[0] == batch_size else torch.cat(
-                [perm, torch.arange(batch_size, 2 * batch_size, device=perm.device)])
-            self.hook.arm(donors)
-        output = self.trainable_module(batch)
-        out_mix, out_clean = output[:batch_size], output[batch_size:]
+        out_clean = None
+        if self.two_forwards:
+            if moex:
+                self.hook.arm(perm)
+            with automix.route_mixed(batch_size):
+                out_mix = self.trainable_module(mixed)
+            if clean:
+                out_clean = self.trainable_module(input)
+        else:
+            if moex:  # the clean half keeps its own moments (the identity pairing)
+                self.hook.arm(torch.cat([perm, torch.arange(batch_size, 2 * batch_size, device=perm.device)])
+                              if clean else perm)
+            with automix.route_mixed(batch_size):
+                output = self.trainable_module(torch.cat([mixed, input]) if clean else mixed)
+            out_mix = output[:batch_size]
+            if clean:
+                out_clean = output[batch_size:]
 
         mix_loss = self.mixup_loss(out_mix, target, perm, lam)
         if moex and self.moex_lam < 1.0:
@@ -485,11 +639,12 @@ class AutoMixTask(ClassificationTask):
                 out_mix, target[perm], perm, lam)
         loss = mix_loss + mix_block_loss + area_weight * area_loss
         clean_loss = None
-        if self.clean_weight > 0:
+        if clean:
             clean_loss = self.criterion(out_clean, target)
             loss = loss + self.clean_weight * clean_loss
         return {
-            'loss': loss, 'output': out_mix, 'automix': True, 'moex': moex, 'lam': lam, 'perm': perm,
+            'loss': loss, 'output': out_mix, 'output_clean': out_clean, 'automix': True, 'moex': moex,
+            'lam': lam, 'perm': perm, 'lam_mb': lam_mb, 'perm_mb': perm_mb,
             'plain_mixup': plain, 'mask_area': mixer['mask_mb'].detach().mean(),
             'mix_loss': mix_loss.detach(), 'clean_loss': clean_loss.detach() if clean_loss is not None else None,
             'mix_block_loss': mix_block_loss.detach(), 'area_loss': area_loss.detach(),

@@ -1,10 +1,11 @@
 """SnapMix, alone or with MoEx in the same step.
 
 Huang, Wang, Tao, "SnapMix: Semantically Proportional Mixing for Augmenting Fine-grained
-Data", AAAI 2021. A box of the partner image ``x[perm[i]]`` is resized into a box of image i
-(the two boxes are drawn independently, each like CutMix's with ``lam ~ Beta(alpha, alpha)``),
-and the labels are weighted by *semantic* mass rather than area: with each image's class
-activation map (CAM) normalized to sum 1,
+Data", AAAI 2021, as in the authors' released code. A box of the partner image ``x[perm[i]]``
+is resized (bilinear, corners aligned) into a box of image i (the two boxes are drawn
+independently, each like CutMix's with ``lam ~ Beta(alpha, alpha)``), and the labels are
+weighted by *semantic* mass rather than area: with each image's class activation map (CAM,
+made from the ReLU of the last feature maps) normalized to sum 1,
 
     w_a[i] = 1 - CAM_i mass inside box_a          (what is left of image i)
     w_b[i] = CAM_perm[i] mass inside box_b        (what was pasted of the partner)
@@ -12,6 +13,10 @@ activation map (CAM) normalized to sum 1,
 
 The weights need not sum to 1. Boxes are ``(top, bottom, left, right)`` half-open pixel
 ranges: rows ``top:bottom``, columns ``left:right``.
+
+Pairs with the same label: by default their weights add (``w_a + w_b`` on the one label);
+the released code gives such a sample both weights ``w_a + w_b``, a total of
+``2 * (w_a + w_b)`` (``same_label='double'`` of :class:`SnapMixTask`).
 """
 import logging
 import math
@@ -29,13 +34,15 @@ from .losses import MoExLoss
 from .tasks import _check_beta_alpha, _check_unit_interval, coin
 
 __all__ = ['SnapMixTask', 'Box', 'random_box', 'snapmix_boxes', 'class_activation_maps', 'normalize_cams',
-           'snapmix_weights', 'snapmix_paste', 'snapmix_moex_weights', 'cam_classifier', 'per_sample_loss']
+           'snapmix_weights', 'snapmix_paste', 'snapmix_moex_weights', 'same_label_weights', 'cam_classifier',
+           'per_sample_loss', 'SAME_LABEL_MODES']
 
 _logger = logging.getLogger(__name__)
 
 Box = Tuple[int, int, int, int]
 """(top, bottom, left, right): rows top:bottom and columns left:right of an image."""
 
+SAME_LABEL_MODES = ('add', 'double')
 _AVG_POOL_TYPES = ('avg', 'fast', 'fastavg')
 _ACCEPTED_HEADS = ('accepted: a CNN whose head is global average pooling followed by one nn.Linear classifier, with '
                    'forward_features giving (B, C, H, W) maps (e.g. ResNet, ResNeXt, DenseNet, EfficientNet, '
@@ -48,13 +55,16 @@ def _box_area(box: Box) -> int:
 
 
 def random_box(height: int, width: int, lam: float) -> Box:
-    """A CutMix box: sides ``sqrt(1 - lam)`` of the image's, centred uniformly, clipped to it."""
+    """A CutMix box centred uniformly and clipped to the image, as in SnapMix's code.
+
+    Before clipping, its sides are ``2 * (cut // 2)`` for ``cut = int(side * sqrt(1 - lam))``
+    (the centre plus and minus ``cut // 2``): even, so one pixel short of ``cut`` when it is odd.
+    """
     cut = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * cut), int(width * cut)
+    half_h, half_w = int(height * cut) // 2, int(width * cut) // 2
     cy, cx = torch.randint(height, ()).item(), torch.randint(width, ()).item()
-    top, left = cy - cut_h // 2, cx - cut_w // 2
-    return (min(max(top, 0), height), min(max(top + cut_h, 0), height),
-            min(max(left, 0), width), min(max(left + cut_w, 0), width))
+    return (min(max(cy - half_h, 0), height), min(max(cy + half_h, 0), height),
+            min(max(cx - half_w, 0), width), min(max(cx + half_w, 0), width))
 
 
 def snapmix_boxes(height: int, width: int, alpha: float = 5.0) -> Tuple[Box, Box]:
@@ -86,14 +96,18 @@ def class_activation_maps(
         target: torch.Tensor,
         size: Optional[Tuple[int, int]] = None,
         normalize: bool = True,
+        relu: bool = True,
 ) -> torch.Tensor:
-    """CAMs (B, H, W): ``sum_c weight[y, c] * features[:, c]`` for each sample's class y.
+    """CAMs (B, H, W): ``sum_c weight[y, c] * relu(features[:, c])`` for each sample's class y.
 
     ``features`` (B, C, h, w) feed a global-average-pool + linear head with ``weight``
-    (num_classes, C), so a CAM's spatial mean is the class logit minus its bias. ``target``
-    holds class indices (B,) or class probabilities (B, num_classes), which weight the
-    classes' maps. The maps are upsampled bilinearly to ``size`` and, with ``normalize``,
-    passed through :func:`normalize_cams` (the bias, a constant, cancels there).
+    (num_classes, C). With ``relu`` (SnapMix's code) the maps go through a ReLU first: a no-op
+    for networks whose features end in a ReLU (ResNet, DenseNet), where a CAM's spatial mean is
+    then the class logit minus its bias; for others (EfficientNet's SiLU) it drops the negative
+    evidence. ``target`` holds class indices (B,) or class probabilities (B, num_classes), which
+    weight the classes' maps. The maps are upsampled bilinearly (corners not aligned) to
+    ``size`` and, with ``normalize``, passed through :func:`normalize_cams` (the bias, a
+    constant, cancels there).
     """
     if features.dim() != 4:
         raise ValueError(f'features must be (B, C, H, W) maps; got shape {tuple(features.shape)}')
@@ -101,6 +115,8 @@ def class_activation_maps(
         raise ValueError(f'weight must be (num_classes, {features.shape[1]}) for features of shape '
                          f'{tuple(features.shape)}; got {tuple(weight.shape)}')
     dtype = torch.promote_types(features.dtype, torch.float32)
+    if relu:
+        features = F.relu(features)
     weight = weight.to(dtype)
     if target.is_floating_point():
         class_weight = target.to(dtype) @ weight
@@ -145,8 +161,8 @@ def snapmix_weights(
 def snapmix_paste(x: torch.Tensor, perm: torch.Tensor, box_a: Box, box_b: Box) -> torch.Tensor:
     """A copy of images ``x`` (B, C, H, W) whose ``box_a`` holds ``x[perm]``'s ``box_b``, resized.
 
-    Bilinear resizing; an exact copy when the boxes have the same size; ``x`` itself
-    (copied) when either box is empty.
+    Bilinear resizing with the corners aligned (SnapMix's code); an exact copy when the boxes
+    have the same size; ``x`` itself (copied) when either box is empty.
     """
     out = x.clone()
     if _box_area(box_a) == 0 or _box_area(box_b) == 0:
@@ -154,9 +170,20 @@ def snapmix_paste(x: torch.Tensor, perm: torch.Tensor, box_a: Box, box_b: Box) -
     (ta, ba, la, ra), (tb, bb, lb, rb) = box_a, box_b
     patch = x[:, :, tb:bb, lb:rb][perm]
     if (bb - tb, rb - lb) != (ba - ta, ra - la):
-        patch = F.interpolate(patch, size=(ba - ta, ra - la), mode='bilinear', align_corners=False)
+        patch = F.interpolate(patch, size=(ba - ta, ra - la), mode='bilinear', align_corners=True)
     out[:, :, ta:ba, la:ra] = patch.to(out.dtype)
     return out
+
+
+def same_label_weights(w_a: torch.Tensor, w_b: torch.Tensor, same: torch.Tensor
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SnapMix's code for pairs with the same label: both weights become ``w_a + w_b`` where ``same``.
+
+    The loss ``w_a * l(y) + w_b * l(y_perm)`` of such a sample is then ``2 * (w_a + w_b) * l(y)``;
+    other samples keep their weights.
+    """
+    total = w_a + w_b
+    return torch.where(same, total, w_a), torch.where(same, total, w_b)
 
 
 def snapmix_moex_weights(
@@ -273,9 +300,14 @@ class SnapMixTask(ClassificationTask):
     target_a) and gives it the moments of sample perm(i) (weight ``1 - moex_lam``, target_b);
     that donor is itself a SnapMix image, so its target is its own SnapMix mixture. This is
     the official CutMix + MoEx loss with CutMix's area ratio replaced by SnapMix's semantic
-    weights. Unlike SnapMix's code, pairs with equal labels are not given doubled weights:
-    the weights of equal labels simply add. MoEx alone (SnapMix not drawn) gives the plain
-    MoEx loss ``moex_lam * l(y) + (1 - moex_lam) * l(y[perm])``.
+    weights. MoEx alone (SnapMix not drawn) gives the plain MoEx loss
+    ``moex_lam * l(y) + (1 - moex_lam) * l(y[perm])``.
+
+    Pairs with equal labels: by default (``same_label='add'``) the weights of equal labels
+    simply add, so that a sample's total label weight is ``w_a + w_b`` whatever its partner's
+    class. SnapMix's code (``same_label='double'``, :func:`same_label_weights`) gives both
+    weights ``w_a + w_b``, doubling the loss weight of such samples (about one in ten on a
+    balanced 10-class batch); under MoEx the doubled weights enter :func:`snapmix_moex_weights`.
 
     The CAM pass calls ``forward_features`` of the unwrapped model (no DDP, compile or
     Accelerate forward wrapper): under Accelerate's mixed precision, call the task inside
@@ -290,6 +322,9 @@ class SnapMixTask(ClassificationTask):
         hook: The model's MoEx hook, or None for SnapMix alone.
         moex_prob: Probability that a batch is moment-exchanged (with ``hook``).
         moex_lam: MoEx weight of the sample's own target (the paper's CutMix + MoEx 0.9).
+        same_label: 'add' or 'double' (SnapMix's code): the weights of a pair with equal labels.
+        cam_relu: ReLU on the features before the CAMs (SnapMix's code; see
+            :func:`class_activation_maps`).
         criterion, criterion_kwargs, device, dtype, verbose: as ``timm.task.ClassificationTask``.
             Targets are class indices or soft targets (``timm.data.Mixup``); soft targets are
             permuted row-wise and weight the classes' CAMs.
@@ -307,6 +342,8 @@ class SnapMixTask(ClassificationTask):
             hook: Optional[MoExHook] = None,
             moex_prob: float = 0.25,
             moex_lam: float = 0.9,
+            same_label: str = 'add',
+            cam_relu: bool = True,
             criterion: Optional[Union[nn.Module, Callable]] = None,
             criterion_kwargs: Optional[Dict[str, Any]] = None,
             device: Optional[torch.device] = None,
@@ -319,6 +356,8 @@ class SnapMixTask(ClassificationTask):
         moex_lam = _check_unit_interval('moex_lam', moex_lam)
         if hook is not None and not isinstance(hook, MoExHook):
             raise TypeError(f'hook must be a timm_moex MoExHook (see get_moex_hook) or None; got {type(hook).__name__}')
+        if same_label not in SAME_LABEL_MODES:
+            raise ValueError(f'same_label must be one of {SAME_LABEL_MODES}; got {same_label!r}')
         cam_classifier(model)
         super().__init__(model, criterion=criterion, criterion_kwargs=criterion_kwargs,
                          device=device, dtype=dtype, verbose=verbose)
@@ -327,6 +366,8 @@ class SnapMixTask(ClassificationTask):
         self.hook = hook
         self.moex_prob = moex_prob
         self.moex_lam = moex_lam
+        self.same_label = same_label
+        self.cam_relu = bool(cam_relu)
         self.moex_loss = MoExLoss(self.criterion)
         if self.verbose:
             moex = f', {hook}, moex_prob={moex_prob}, moex_lam={moex_lam}' if hook is not None else ''
@@ -350,7 +391,7 @@ class SnapMixTask(ClassificationTask):
         if features.dim() != 4 or features.shape[1] != fc.in_features:
             raise ValueError(_head_error(type(model).__name__, f'forward_features gave shape {tuple(features.shape)} '
                                                                  f'for a {fc.in_features}-input classifier'))
-        return class_activation_maps(features, fc.weight, target, size=input.shape[-2:])
+        return class_activation_maps(features, fc.weight, target, size=input.shape[-2:], relu=self.cam_relu)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
         training = self.get_trainable_module().training
@@ -366,6 +407,9 @@ class SnapMixTask(ClassificationTask):
             cams = self.class_activation_maps(input, target)
             box_a, box_b = snapmix_boxes(input.shape[-2], input.shape[-1], self.alpha)
             w_a, w_b = snapmix_weights(cams, cams[perm], box_a, box_b, normalize=False)
+            if self.same_label == 'double':
+                same = target == target[perm]
+                w_a, w_b = same_label_weights(w_a, w_b, same.all(1) if same.dim() > 1 else same)
             input = snapmix_paste(input, perm, box_a, box_b)
             result.update(weights=(w_a, w_b), boxes=(box_a, box_b))
         if moex:
