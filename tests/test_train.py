@@ -206,7 +206,7 @@ def test_automix_resume_restores_the_mix_block_and_momentum_encoder(run_args, tm
     full_am = load_file(str(full / 'checkpoint-3' / 'model_1.safetensors'))
     part_am = load_file(str(part / 'checkpoint-3' / 'model_1.safetensors'))
     assert int(full_am['num_updates']) == 3 * 4  # 32 images, batch 8, 3 epochs: one momentum update per step
-    assert {k.split('.')[0] for k in full_am} == {'encoder', 'mix_block', 'num_updates'}
+    assert {k.split('.')[0] for k in full_am} == {'encoder', 'mix_block', 'mix_head', 'num_updates'}
     for k in full_am:
         torch.testing.assert_close(part_am[k], full_am[k], rtol=1e-5, atol=1e-6)
     two = load_file(str(part / 'checkpoint-2' / 'model_1.safetensors'))

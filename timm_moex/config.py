@@ -13,7 +13,9 @@ be written with dashes or underscores.
 """
 import dataclasses
 import difflib
+import math
 import os
+import re
 import sys
 import tempfile
 import typing
@@ -25,12 +27,80 @@ import yaml
 
 from .moex import MOEX_IMPLS
 
-__all__ = ['TrainConfig', 'ConfigError', 'load_config', 'validate_config', 'save_config', 'config_help',
-           'device_loader_unsupported']
+__all__ = ['TrainConfig', 'UserError', 'ConfigError', 'RunError', 'RunFolderBusy', 'ResumeMismatch',
+           'CheckpointError', 'DataError', 'Diverged', 'Interrupted', 'load_config', 'validate_config',
+           'save_config', 'config_help', 'device_loader_unsupported', 'RESUME_MAY_CHANGE', 'read_run_config',
+           'resume_differences']
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error the user can cause and fix: train_moex.py prints it as one line and exits with ``exit_code``.
+
+    Subclasses carry distinct exit codes so that a script driving runs can tell them apart.
+    """
+
+    exit_code = 1
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot be used; the message names the key and what is accepted."""
+
+    exit_code = 2
+
+
+class RunError(UserError):
+    """A run that cannot go on: ``<what> (<the bad value>): <what to do>``.
+
+    Args:
+        what: what is wrong, e.g. ``'checkpoint is truncated or not a safetensors file'``.
+        value: the offending value (a path, a number, a key); shown in parentheses.
+        todo: what the user can do about it.
+        exit_code: overrides the class's exit code.
+    """
+
+    exit_code = 3
+
+    def __init__(self, what: str, value: Any, todo: str, exit_code: Optional[int] = None):
+        self.what, self.value, self.todo = what, value, todo
+        if exit_code is not None:
+            self.exit_code = exit_code
+        super().__init__(f'{what} ({value}): {todo}')
+
+
+class RunFolderBusy(RunError):
+    """Another live process holds the run folder's lock."""
+
+    exit_code = 4
+
+
+class ResumeMismatch(RunError):
+    """``--resume`` with settings that contradict the run folder's config.yaml."""
+
+    exit_code = 5
+
+
+class CheckpointError(RunError):
+    """A checkpoint or weights file that is empty, truncated, foreign or of another model."""
+
+    exit_code = 6
+
+
+class DataError(RunError):
+    """A dataset that cannot be trained on as configured (classes, sizes, empty folders)."""
+
+    exit_code = 7
+
+
+class Diverged(RunError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = 8
+
+
+class Interrupted(RunError):
+    """Ctrl-C (SIGINT) during a run; the last checkpoint is kept and ``--resume auto`` continues."""
+
+    exit_code = 130  # 128 + SIGINT, the shell's convention
 
 
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagefolder', 'imagenet')
@@ -112,8 +182,9 @@ class TrainConfig:
                                           "an index into the model's feature_info written as a string ('-2': the "
                                           "stage before the last, e.g. a ResNet's layer3)")
     automix_reduction: int = _f(2, 'AutoMix: the Mix Block projects the features to channels / reduction')
-    automix_lam_embed: str = _f('concat', "AutoMix: lam enters the Mix Block as an extra channel ('concat') or as a "
-                                          "scale of the features ('mul')", ('concat', 'mul'))
+    automix_lam_embed: str = _f('concat', "AutoMix: lam enters the Mix Block as an extra channel ('concat', the "
+                                          "released ImageNet configs), as a scale of the features ('mul') or not "
+                                          "at all ('none', the released CIFAR configs)", ('none', 'concat', 'mul'))
     automix_upsample: str = _f('nearest', 'AutoMix: upsampling of the mask to the image size', ('nearest', 'bilinear'))
     automix_momentum: float = _f(0.999, 'AutoMix: momentum of the momentum encoder at the start (rises to 1 on a '
                                         'cosine over the run)')
@@ -139,6 +210,9 @@ class TrainConfig:
     # --- model ---
     model: str = _f('resnet18', 'any timm model name (timm_moex models included)')
     pretrained: bool = _f(False, 'start from timm\'s pretrained weights')
+    initial_checkpoint: str = _f('', 'start weights for fine-tuning: .safetensors, .pth / .pth.tar / .bin (state_dict, '
+                                     'model or state_dict_ema inside, module. prefixes) or a run folder; a classifier '
+                                     'of another class count is dropped and re-initialized')
     model_kwargs: Dict[str, Any] = _f({}, 'extra keyword arguments of timm.create_model')
     channels_last: bool = _f(False, 'channels-last memory format')
     compile: bool = _f(False, 'torch.compile the model (after the MoEx hook is attached)')
@@ -180,10 +254,15 @@ class TrainConfig:
     output_dir: str = _f('', "run folder; default output/<config file name or model>")
     checkpoint_keep: int = _f(2, 'number of most recent checkpoint-<epoch> folders kept')
     resume: str = _f('', "'' (new run), 'auto' (latest checkpoint in output_dir) or a checkpoint folder")
-    eval_only: bool = _f(False, 'only evaluate --checkpoint (a checkpoint folder or a .safetensors file)')
+    eval_only: bool = _f(False, 'only evaluate --checkpoint (a run or checkpoint folder, a .safetensors, .pth, '
+                                '.pth.tar or .bin file)')
     checkpoint: str = _f('', 'weights to evaluate with eval_only')
     log_with: Optional[str] = _f(None, "experiment tracker through Accelerate: 'tensorboard' or none", TRACKERS)
     progress: bool = _f(True, 'tqdm progress bar on the main process')
+    push_to_hub: str = _f('', 'at the end, publish the run folder (config.json, model.safetensors, a model card) '
+                              'to this Hugging Face Hub repository, owner/name; needs a token (hf auth login)')
+    debug: bool = _f(False, 'show the Python traceback of an error instead of its one-line message '
+                            '(also TIMM_MOEX_DEBUG=1)')
 
     # Set by load_config: the YAML file the run came from (not a setting).
     config_file: Optional[str] = field(default=None, repr=False, metadata=dict(doc='the YAML file read', internal=True))
@@ -216,6 +295,9 @@ def _type_name(tp) -> str:
     return {bool: 'true/false', int: 'an integer', float: 'a number', str: 'a string'}.get(tp, str(tp))
 
 
+_NUMBER = re.compile(r'^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$')
+
+
 def _check_type(key: str, value: Any, tp) -> Any:
     """``value`` converted to ``tp`` (ints accepted as floats), or ConfigError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -233,7 +315,9 @@ def _check_type(key: str, value: Any, tp) -> Any:
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         value = float(value) if ok else value
     elif tp is str:
         ok = isinstance(value, str)
@@ -448,17 +532,44 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
                               '.safetensors file')
         if not os.path.exists(cfg.checkpoint):
             raise ConfigError(f'checkpoint: {cfg.checkpoint!r} does not exist')
+    if cfg.initial_checkpoint and not os.path.exists(cfg.initial_checkpoint):
+        raise ConfigError(f'initial_checkpoint: {cfg.initial_checkpoint!r} does not exist')
+    if cfg.push_to_hub:
+        _check_push_to_hub(cfg.push_to_hub)
     if cfg.resume not in ('', 'auto') and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume: {cfg.resume!r} is not a checkpoint folder; use '', 'auto' or a checkpoint-<epoch> "
                           'folder')
     from .data import check_data_dir
     check_data_dir(cfg)
     out = Path(resolve_output_dir(cfg))
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f'output_dir: {str(parent)!r} is a file, not a folder, so {str(out)!r} cannot be '
+                                  'created; pass another --output-dir')
+            break
     if not cfg.eval_only and not cfg.resume and out.is_dir() and (
             any(out.glob('checkpoint-*')) or (out / 'results.json').exists()):
         raise ConfigError(f'output_dir: {str(out)!r} already holds a run; use --resume auto to continue it or '
                           'another --output-dir')
     return cfg
+
+
+_HUB_REPO_ID = re.compile(r'^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$')
+
+
+def _check_push_to_hub(repo_id: str) -> None:
+    """A Hub repository id and a token, checked before training rather than after it."""
+    if not _HUB_REPO_ID.match(repo_id) or '--' in repo_id or '..' in repo_id or repo_id.endswith(('.', '-')):
+        raise ConfigError(f"push_to_hub: {repo_id!r} is not a Hugging Face Hub repository id; use 'owner/name' "
+                          '(letters, digits, -, _, .)')
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ConfigError('push_to_hub: needs the huggingface_hub package (pip install huggingface_hub)') from None
+    if not huggingface_hub.get_token():
+        raise ConfigError(f'push_to_hub: no Hugging Face token to publish {repo_id!r} with; log in first '
+                          '(hf auth login) or set HF_TOKEN')
 
 
 def _check_model_build(cfg: TrainConfig) -> None:
@@ -514,6 +625,59 @@ def resolve_output_dir(cfg: TrainConfig) -> str:
         return cfg.output_dir
     name = Path(cfg.config_file).stem if cfg.config_file else cfg.model
     return os.path.join('output', name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: the run folder's config.yaml is the run's identity
+RESUME_MAY_CHANGE = frozenset({
+    # length, lr and schedule: the scheduler is rebuilt for them from the restored update count
+    'epochs', 'lr', 'lr_base', 'lr_base_size', 'sched', 'decay_milestones', 'decay_epochs', 'decay_rate',
+    'warmup_epochs', 'warmup_lr', 'min_lr', 'clip_grad',
+    # how the same computation is run, evaluated, logged and kept
+    'workers', 'pin_memory', 'loader', 'data_dir', 'download', 'eval_batch_size', 'eval_limit', 'channels_last',
+    'compile', 'compile_mode', 'moex_impl', 'checkpoint_keep', 'log_with', 'progress', 'push_to_hub',
+})
+"""Keys that ``--resume`` may change; they take effect from the resumed epoch on. Every other key shapes
+the model, the data or the optimizer state and must equal the run folder's config.yaml."""
+_NOT_COMPARED = frozenset({'output_dir', 'resume', 'eval_only', 'checkpoint', 'debug'})
+
+
+def read_run_config(path: os.PathLike) -> Dict[str, Any]:
+    """A run folder's config.yaml as {key: value}, values type-checked, keys it lacks (an older run)
+    at their defaults; keys this version does not know are dropped.
+
+    Raises:
+        ConfigError: the file is not a YAML mapping.
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f'resume: {str(path)!r} is not valid YAML: {e}') from None
+    if not isinstance(data, dict):
+        raise ConfigError(f'resume: {str(path)!r} must hold a mapping of keys to values')
+    values = {}
+    for key, f in _FIELDS.items():
+        value = data[key] if key in data else (f.default if f.default is not dataclasses.MISSING
+                                               else f.default_factory())
+        try:
+            values[key] = _check_type(key, value, _HINTS[key])
+        except ConfigError:
+            values[key] = value
+    return values
+
+
+def resume_differences(saved: Dict[str, Any], cfg: TrainConfig) -> (Dict[str, tuple], Dict[str, tuple]):
+    """(allowed changes, conflicts) of ``cfg`` against a run's saved configuration, each {key: (saved, now)}.
+
+    Allowed changes are the keys of :data:`RESUME_MAY_CHANGE`; conflicts are every other differing key.
+    """
+    changes, conflicts = {}, {}
+    now = cfg.to_dict()
+    for key in _FIELDS:
+        if key in _NOT_COMPARED or saved.get(key) == now[key]:
+            continue
+        (changes if key in RESUME_MAY_CHANGE else conflicts)[key] = (saved.get(key), now[key])
+    return changes, conflicts
 
 
 # ---------------------------------------------------------------------------------------------

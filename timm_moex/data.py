@@ -14,7 +14,8 @@ Images from files are read strictly: a corrupt file raises an error naming its p
 
 Train transforms (``cfg.aug_recipe``): ``cifar`` is the CIFAR recipe (RandomCrop with 4-pixel
 zero padding, horizontal flip, optional AutoAugment / RandAugment, normalize, optional Cutout
-and RandomErasing); ``imagenet`` is timm's ``create_transform`` (RandomResizedCrop, flip, color
+and RandomErasing; on the 32 px datasets an ``img_size`` other than 32 resizes the images first);
+``imagenet`` is timm's ``create_transform`` (RandomResizedCrop, flip, color
 jitter, RandAugment / AutoAugment, RandomErasing); ``none`` uses the eval transform.
 """
 import os
@@ -26,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, DataError, TrainConfig
 
 __all__ = ['DATASET_STATS', 'check_data_dir', 'load_image', 'DigitsDataset', 'FileListDataset', 'Cutout',
            'resolve_data_defaults', 'create_transforms', 'resolve_loader', 'add_label_noise', 'create_datasets',
@@ -40,6 +41,7 @@ DATASET_STATS = {
     'cifar100': ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
 }
 _SMALL_DATASETS = ('digits', 'cifar10', 'cifar100')  # 32x32 images: no resize, the cifar recipe
+_SMALL_SIZE = 32
 _CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
 _EVAL_SPLITS = ('test', 'val', 'validation')
 
@@ -171,7 +173,8 @@ def create_transforms(cfg: TrainConfig) -> Tuple[Callable, Callable]:
     from timm.data import create_transform
     from timm.data.random_erasing import RandomErasing
     img_size, mean, std, recipe = resolve_data_defaults(cfg)
-    resize = [] if cfg.dataset in _SMALL_DATASETS else \
+    # The 32 px datasets are resized only to another img_size (the device loader does the same).
+    resize = [] if cfg.dataset in _SMALL_DATASETS and img_size == _SMALL_SIZE else \
         [transforms.Resize(img_size), transforms.CenterCrop(img_size)]
     if recipe == 'imagenet':
         common = dict(input_size=img_size, interpolation=cfg.interpolation, mean=mean, std=std, crop_pct=cfg.crop_pct)
@@ -222,17 +225,31 @@ def _raw_datasets(cfg: TrainConfig):
                                '(download: true fetches the files)') from e
         return train_set, eval_set, train_set.classes
     if cfg.dataset == 'imagefolder':
-        train_set = datasets.ImageFolder(os.path.join(cfg.data_dir, 'train'), loader=load_image)
-        eval_set = datasets.ImageFolder(_eval_folder(cfg.data_dir), loader=load_image)
+        train_set = _image_folder(os.path.join(cfg.data_dir, 'train'))
+        eval_dir = _eval_folder(cfg.data_dir)
+        eval_set = _image_folder(eval_dir)
         if eval_set.class_to_idx != train_set.class_to_idx:
-            raise RuntimeError(f'{cfg.data_dir!r}: the evaluation folder has other classes than train/: '
-                               f'{sorted(eval_set.class_to_idx)} vs {sorted(train_set.class_to_idx)}')
+            only_train = sorted(set(train_set.class_to_idx) - set(eval_set.class_to_idx))
+            only_eval = sorted(set(eval_set.class_to_idx) - set(train_set.class_to_idx))
+            raise DataError(f'train/ and {os.path.basename(eval_dir)}/ hold different classes',
+                            f'{os.path.abspath(cfg.data_dir)}: only in train/ {only_train}, only in '
+                            f'{os.path.basename(eval_dir)}/ {only_eval}',
+                            'give both the same class folders')
         return train_set, eval_set, train_set.classes
     # imagenet: timm finds the layout (train/ + val/ or validation/, class folders, tar files)
     from timm.data import create_dataset
     readers = [create_dataset('', root=cfg.data_dir, split=s).reader for s in ('train', 'validation')]
     classes = sorted(readers[0].class_to_idx, key=readers[0].class_to_idx.get)
     return FileListDataset(readers[0].samples, classes), FileListDataset(readers[1].samples, classes), classes
+
+
+def _image_folder(root: str) -> datasets.ImageFolder:
+    """torchvision's ImageFolder read with :func:`load_image`; a missing or empty class folder is a DataError."""
+    try:
+        return datasets.ImageFolder(root, loader=load_image)
+    except FileNotFoundError as e:  # no class folder, or a class folder without images
+        raise DataError('no images to read', f'{os.path.abspath(root)}: {e}',
+                        'put the images in one sub-folder per class (remove empty class folders)') from None
 
 
 def add_label_noise(dataset: Dataset, rate: float, num_classes: int, seed: int = 1) -> torch.Tensor:
@@ -312,6 +329,9 @@ def create_datasets(cfg: TrainConfig, device: Optional[torch.device] = None) -> 
         eval_set = _to_device_dataset(cfg, eval_set, False, device)
     else:
         train_set.transform, eval_set.transform = create_transforms(cfg)
+    if cfg.num_classes and cfg.num_classes < len(classes):  # the loss would index past the classifier
+        raise ConfigError(f'num_classes: {cfg.num_classes} is fewer than the {len(classes)} classes of the dataset; '
+                          f'leave it out (the dataset\'s count) or give at least {len(classes)}')
     num_classes = cfg.num_classes or len(classes)
     return train_set, eval_set, num_classes
 
@@ -329,7 +349,11 @@ def create_loaders(cfg: TrainConfig, train_set: Dataset, eval_set: Dataset) -> T
     train = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, **common)
     evaluation = DataLoader(eval_set, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, shuffle=False, **common)
     if len(train) == 0 and not cfg.eval_only:
-        raise ValueError(f'batch_size: {cfg.batch_size} is larger than the {len(train_set)} training images')
+        raise DataError('the batch is larger than the training set', f'batch_size {cfg.batch_size}, '
+                        f'{len(train_set)} training images', 'give a smaller --batch-size (or more --train-limit)')
+    if len(eval_set) == 0:
+        raise DataError('the evaluation set is empty', f'{cfg.dataset}, eval_limit {cfg.eval_limit}',
+                        'give evaluation images (test/ or val/) or a positive --eval-limit')
     return train, evaluation
 
 

@@ -43,8 +43,10 @@ class ClassificationMeter:
         sums[0] += top1.sum()
         sums[1] += hit.any(dim=-1).to(sums.dtype).sum()
         sums[2] += F.cross_entropy(logits, target, reduction='none').to(sums.dtype).sum()
-        conf = logits.softmax(-1).amax(-1).to(sums.dtype)
-        index = (conf * self.bins).long().clamp_(max=self.bins - 1)
+        # NaN logits (a diverged model) give NaN confidences: counted in bin 0 with confidence 0, so that the
+        # bin index stays in range; the NLL, NaN, is what shows the divergence.
+        conf = logits.softmax(-1).amax(-1).to(sums.dtype).nan_to_num_(nan=0.0)
+        index = (conf * self.bins).long().clamp_(0, self.bins - 1)
         per_bin = sums[3:].view(2, self.bins)
         per_bin[0].index_add_(0, index, conf)
         per_bin[1].index_add_(0, index, top1)

@@ -1,0 +1,139 @@
+"""timm's own train.py, unmodified, trains with MoEx through timm_moex.timm_train."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from timm.loss import SoftTargetCrossEntropy
+
+from conftest import ROOT
+from timm_moex.checkpoint import load_weights
+from timm_moex.config import ConfigError
+from timm_moex import get_moex_hook
+from timm_moex.timm_train import cli, hook_running_model, load_timm_train, main
+
+TIMM_TRAIN = ROOT.parent / 'shared' / 'timm' / 'train.py'
+needs_train_py = pytest.mark.skipif(not TIMM_TRAIN.is_file(),
+                                    reason=f"timm's train.py fixture is absent ({TIMM_TRAIN})")
+
+
+@pytest.fixture(autouse=True)
+def no_bytecode(monkeypatch):
+    monkeypatch.setattr('sys.dont_write_bytecode', True)  # the fixture folder may be read-only
+
+
+def timm_args(image_folder, out, *extra, epochs=2):
+    """A tiny CPU run of timm's train.py: resnet10t at 32 px, 4 batches of 8 per epoch."""
+    return ['--timm-train', str(TIMM_TRAIN), '--data-dir', str(image_folder), '--train-split', 'train',
+            '--val-split', 'test', '--model', 'resnet10t', '--num-classes', '2', '--img-size', '32', '-b', '8',
+            '--epochs', str(epochs), '--device', 'cpu', '-j', '0', '--no-prefetcher', '--lr', '0.01',
+            '--output', str(out), '--experiment', 'run', '--seed', '0', *extra]
+
+
+@needs_train_py
+def test_timm_train_runs_moex_on_every_batch_and_writes_timms_outputs(image_folder, tmp_path):
+    before = sorted(p.name for p in TIMM_TRAIN.parent.iterdir())
+    run = main(timm_args(image_folder, tmp_path, '--moex-prob', '1.0', '--moex-lam', '0.7', '--moex-norm', 'in'))
+    assert run['train_batches'] == 2 * 4 and run['moex_batches'] == 8  # prob 1: every batch
+    task = run['task']
+    assert run['pairing'] == task.pairing == 'random' and task.lam == 0.7 and task.hook.norm == 'in'
+    # the hook sits on the module of the model that trained
+    assert task.get_trainable_module().get_submodule(task.hook.layer) is task.hook._module
+    out = tmp_path / 'run'
+    assert Path(run['output_dir']) == out
+    with open(out / 'summary.csv') as f:
+        assert [row['epoch'] for row in csv.DictReader(f)] == ['0', '1']
+    args = yaml.safe_load((out / 'args.yaml').read_text())
+    assert (args['moex_prob'], args['moex_lam'], args['moex_norm'], args['model']) == (1.0, 0.7, 'in', 'resnet10t')
+    assert json.loads((out / 'moex.json').read_text())['moex_batches'] == 8
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-1.pth.tar'):
+        assert (out / name).is_file()
+    model = timm.create_model('resnet10t', num_classes=2)
+    load_weights(model, out / 'last.pth.tar')  # timm's checkpoints load as local weights
+    assert sorted(p.name for p in TIMM_TRAIN.parent.iterdir()) == before  # nothing written beside train.py
+
+
+@needs_train_py
+def test_with_mixup_moex_uses_mixups_pairing_and_the_config_file(image_folder, tmp_path):
+    config = tmp_path / 'recipe.yaml'
+    config.write_text(yaml.safe_dump(dict(mixup=0.2, cutmix=1.0, moex_prob=0.0, moex_lam=0.6)))
+    run = main(timm_args(image_folder, tmp_path, '--config', str(config), epochs=1))
+    assert run['pairing'] == run['task'].pairing == 'flip'
+    assert isinstance(run['task'].criterion, SoftTargetCrossEntropy)
+    assert run['moex_batches'] == 0 and run['train_batches'] == 4 and run['task'].lam == 0.6  # from the YAML
+    again = main(timm_args(image_folder, tmp_path / 'cli', '--config', str(config), '--moex-prob', '1', epochs=1))
+    assert again['moex_batches'] == again['train_batches'] == 4  # the command line wins
+    again['task'].get_trainable_module().train()
+    perm = again['task'].draw_perm(6, torch.device('cpu'))
+    assert perm.tolist() == [5, 4, 3, 2, 1, 0]
+
+
+@needs_train_py
+def test_moex_variant_keeps_its_hook_and_a_bad_layer_is_a_config_error(image_folder, tmp_path):
+    run = main(timm_args(image_folder, tmp_path, '--model', 'resnet18_cifar_moex', '--moex-prob', '0.5', epochs=1))
+    assert run['task'].hook is not None and run['moex_batches'] <= run['train_batches'] == 4
+    with pytest.raises(ConfigError, match="moex_layer: layer='nope' is not a module of ResNet"):
+        main(timm_args(image_folder, tmp_path / 'bad', '--moex-layer', 'nope', epochs=1))
+
+
+def test_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv('TIMM_TRAIN_PY', raising=False)
+    other = tmp_path / 'train.py'
+    other.write_text('def main():\n    pass\n')
+    binary = tmp_path / 'weights.py'
+    binary.write_bytes(b'\x00\x01 not python')
+    cases = [
+        ([], "where is timm's train.py"),
+        (['--timm-train', str(tmp_path / 'missing.py')], 'no such file'),
+        (['--timm-train', str(other)], "is not timm's train.py (it defines no ClassificationTask, _parse_args)"),
+        (['--timm-train', str(binary)], 'cannot load'),
+    ]
+    for argv, expected in cases:
+        assert cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and '\n' not in err, err
+
+
+@needs_train_py
+@pytest.mark.parametrize('extra, expected', [
+    (['--moex-prob', '1.5'], 'moex_prob: must be a number in [0, 1], got 1.5'),
+    (['--moex-norm', 'bn'], 'moex_norm:'),
+    (['--kd-model-name', 'resnet18'], 'kd_model_name: MoEx runs with the classification task only'),
+    (['--jsd-loss', '--aug-splits', '2'], 'jsd_loss:'),
+])
+def test_bad_moex_settings_stop_before_training(extra, expected, image_folder, tmp_path, capsys):
+    assert cli(timm_args(image_folder, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and '\n' not in err
+    assert not (tmp_path / 'run').exists()
+
+
+@needs_train_py
+def test_loading_does_not_run_train_py_nor_write_beside_it(monkeypatch):
+    monkeypatch.setattr('sys.dont_write_bytecode', False)  # compiled in memory anyway
+    before = sorted(p.name for p in TIMM_TRAIN.parent.iterdir())
+    module = load_timm_train(TIMM_TRAIN)
+    assert module.__name__ != '__main__' and callable(module.main)
+    assert module.ClassificationTask.__name__ == 'ClassificationTask'  # patched only inside main()
+    assert sorted(p.name for p in TIMM_TRAIN.parent.iterdir()) == before
+
+
+def test_a_batchnorm_conversion_does_not_orphan_the_hook():
+    from timm.layers import convert_splitbn_model
+    model = timm.create_model('pyramidnet110_a48_moex', num_classes=10)
+    born = get_moex_hook(model)
+    assert born.layer == 'bn1'  # a BatchNorm: convert_splitbn_model replaces it
+    model = convert_splitbn_model(model, 2).train()
+    assert model.bn1 is not born._module
+    hook = hook_running_model(model)
+    assert hook is get_moex_hook(model) and hook._module is model.bn1 and (hook.layer, hook.norm) == ('bn1', 'pono')
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(0)
+    plain = model(x)
+    hook.arm(torch.tensor([1, 0, 3, 2]))
+    torch.manual_seed(0)
+    exchanged = model(x)
+    assert not hook.armed and not torch.allclose(plain, exchanged)
