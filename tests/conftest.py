@@ -56,3 +56,16 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger():
+    """timm's train.py (run in-process by some tests) adds root-logger handlers bound to that test's captured
+    stderr; left in place, they fail every later log record once that stream is closed."""
+    import logging
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
