@@ -154,10 +154,10 @@ def trial_forward(cfg, model, accelerator):
     hook = get_moex_hook(model) if cfg.moex else None
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     was_training = model.training
-    x = torch.randn(n, 3, img_size, img_size, device=device)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), torch.no_grad(), \
                 accelerator.autocast():
+            x = torch.randn(n, 3, img_size, img_size, device=device)
             model.train()
             if hook is not None:
                 hook.arm(torch.arange(n - 1, -1, -1, device=device))

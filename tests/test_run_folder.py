@@ -270,10 +270,11 @@ def test_trial_forward_leaves_the_model_as_it_was():
     model = timm.create_model('resnet10t', num_classes=2)
     train_moex.attach_moex(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerator = train_moex.Accelerator(cpu=True)  # before seeding: only trial_forward runs in between
     torch.manual_seed(3)
     expected = torch.rand(3)
     torch.manual_seed(3)
-    train_moex.trial_forward(cfg, model, train_moex.Accelerator(cpu=True))
+    train_moex.trial_forward(cfg, model, accelerator)
     assert torch.equal(torch.rand(3), expected)  # random state untouched
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
