@@ -22,7 +22,7 @@ CutMix + MoEx, else the first arm) paired by seed; it plots test error against e
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --epochs 30 --seeds 0 1 2 --parallel 12
     # CPU-sized (minutes on 2 cores: a 1,000-image subset, 8 epochs, one seed):
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --cpu-sized
-    # Issue 7: cross-entropy against the bi-tempered loss under 20% / 40% symmetric label noise:
+    # Cross-entropy against the bi-tempered loss under 20% / 40% symmetric label noise:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set label_noise --cpu-sized
     # Issue 5: MoEx's lam / prob / layer / norm around the paper's CIFAR values:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set moex_sweep --epochs 100 --parallel 7
@@ -78,7 +78,7 @@ ARM_SETS: Dict[str, Dict[str, List[str]]] = {
         'automix': ['--moex', 'false', *_AUTOMIX],
         'automix_moex': ['--moex', 'true', *_AUTOMIX],
     },
-    # Issue 7: cross-entropy against the bi-tempered loss under symmetric label noise (no MoEx).
+    # Cross-entropy against the bi-tempered loss under symmetric label noise (no MoEx).
     'label_noise': {
         'ce_noise20': ['--moex', 'false', '--label-noise', '0.2'],
         'bitempered_noise20': ['--moex', 'false', '--label-noise', '0.2', *_BI_TEMPERED],

@@ -7,7 +7,7 @@ NORMS = ['pono', 'in', 'ln', 'gn2', 'gn-d4', 'gpono2', 'gn1', 'gpono4']
 
 
 def reference_nchw(x: torch.Tensor, perm: torch.Tensor, norm: str, eps: float = 1e-5) -> torch.Tensor:
-    """REFERENCE section 1 in float64, written with explicit reshapes to (B, rows, K) where each
+    """The MoEx formula (Li et al., 2021) in float64, written with explicit reshapes to (B, rows, K) where each
     row's K elements share one mean and std."""
     x = x.double()
     b, c = x.shape[:2]

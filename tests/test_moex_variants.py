@@ -116,7 +116,7 @@ def test_bad_names_and_arguments():
 
 
 def test_the_stem_of_this_package_models_is_the_moex_layer():
-    """REFERENCE section 1: after conv1 + bn1 for the CIFAR PyramidNet, after the stem elsewhere."""
+    """The MoEx paper: after conv1 + bn1 for the CIFAR PyramidNet, after the stem elsewhere."""
     assert timm_moex.resolve_moex_layer(timm.create_model('pyramidnet110_a48')) == 'bn1'
     assert timm_moex.resolve_moex_layer(timm.create_model('pyramidnet101_a360')) == 'maxpool'
     assert timm_moex.resolve_moex_layer(timm.create_model('resnet18_cifar')) == 'act1'

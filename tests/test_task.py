@@ -47,7 +47,7 @@ def test_loss_soft_targets_equal_the_mixture():
 
 
 def test_cutmix_soft_targets_give_the_three_term_loss():
-    """CutMix along perm, then MoEx along the same perm: REFERENCE section 1's three terms."""
+    """CutMix along perm, then MoEx along the same perm: the three terms of the official CutMix + MoEx code."""
     out, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     perm = torch.tensor([1, 2, 3, 0])
     cutmix_lam, lam = 0.7, 0.9

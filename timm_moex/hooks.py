@@ -15,7 +15,7 @@ __all__ = [
 ]
 
 STEM_LAYERS: Dict[str, str] = {
-    # timm model class -> the module whose output is the stem's output (REFERENCE section 4).
+    # timm model class -> the module whose output is the stem's output.
     'ResNet': 'maxpool',  # resnet, resnext, seresnet, wide_resnet, ...
     'ConvNeXt': 'stem',
     'RegNet': 'stem',
