@@ -24,7 +24,7 @@ CutMix + MoEx, else the first arm) paired by seed; it plots test error against e
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --cpu-sized
     # Cross-entropy against the bi-tempered loss under 20% / 40% symmetric label noise:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set label_noise --cpu-sized
-    # Issue 5: MoEx's lam / prob / layer / norm around the paper's CIFAR values:
+    # MoEx's lam / prob / layer / norm around the paper's CIFAR values:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set moex_sweep --epochs 100 --parallel 7
     # Issue 8: Mixup / MoEx / AutoMix / AutoMix + MoEx:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set automix --cpu-sized
