@@ -26,7 +26,7 @@ CutMix + MoEx, else the first arm) paired by seed; it plots test error against e
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set label_noise --cpu-sized
     # MoEx's lam / prob / layer / norm around the paper's CIFAR values:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set moex_sweep --epochs 100 --parallel 7
-    # Issue 8: Mixup / MoEx / AutoMix / AutoMix + MoEx:
+    # Mixup / MoEx / AutoMix / AutoMix + MoEx:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set automix --cpu-sized
 
 ``data/cifar10`` is ``../shared/data/cifar10/cifar10_jpeg.tar.gz`` unpacked (train/ and test/).
