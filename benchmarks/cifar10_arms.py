@@ -58,7 +58,7 @@ ARM_SETS: Dict[str, Dict[str, List[str]]] = {
         'cutmix': ['--moex', 'false', *_CUTMIX],
         'cutmix_moex': ['--moex', 'true', *_CUTMIX],
     },
-    # Issue 5: a small sweep of MoEx's lam, prob, layer and norm around the paper's CIFAR values (lam 0.5, prob 0.25).
+    # a small sweep of MoEx's lam, prob, layer and norm around the paper's CIFAR values (lam 0.5, prob 0.25).
     'moex_sweep': {
         'baseline': ['--moex', 'false'],
         'moex': ['--moex', 'true'],
@@ -71,7 +71,7 @@ ARM_SETS: Dict[str, Dict[str, List[str]]] = {
         # lam 0.9: the paper's MoEx label weight when it is paired with CutMix (its ImageNet code).
         'cutmix_moex_norm_in_lam0.9': ['--moex', 'true', '--moex-norm', 'in', '--moex-lam', '0.9', *_CUTMIX],
     },
-    # Issue 8: learned mixing (AutoMix) against Mixup and MoEx, and the two together.
+    # learned mixing (AutoMix) against Mixup and MoEx, and the two together.
     'automix': {
         'mixup': ['--moex', 'false', '--mixup', '1.0'],
         'moex': ['--moex', 'true'],
