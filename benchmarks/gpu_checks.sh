@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU checks in one device call, most needed first. Each step runs under its own time
+# The GPU checks in one device call, most needed first. Each step runs under its own time
 # limit, so one slow step (a long compile) cannot use up the others' time; the steps' outputs go to
 # $OUT (the device tool's folder) or runs/gpu_checks.
 #

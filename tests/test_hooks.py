@@ -6,7 +6,7 @@ import torch
 
 from timm_moex import attach_moex, get_moex_hook, moment_exchange, resolve_moex_layer
 
-# (timm model, kwargs that keep it small and fast on CPU, input size, the stem layer REFERENCE names)
+# (timm model, kwargs that keep it small and fast on CPU, input size, the stem output module of that family)
 MODELS = {
     'resnet18': (dict(num_classes=10), 32, 'maxpool'),
     # Layer scale 1e-6 (the default) makes every block an identity at init, and the next
