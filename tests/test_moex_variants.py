@@ -2,6 +2,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file, save_file
+from timm.models._features_fx import GraphExtractNet
 from timm.models._registry import get_pretrained_cfg, model_entrypoint
 
 import timm_moex
@@ -121,3 +122,127 @@ def test_the_stem_of_this_package_models_is_the_moex_layer():
     assert timm_moex.resolve_moex_layer(timm.create_model('pyramidnet101_a360')) == 'maxpool'
     assert timm_moex.resolve_moex_layer(timm.create_model('resnet18_cifar')) == 'act1'
     assert timm_moex.resolve_moex_layer(timm.create_model('wide_resnet28_10_cifar')) == 'conv1'
+
+
+# ---- dense-task backbones: features_only and forward_intermediates keep MoEx at the stem ----
+
+PERM = torch.tensor([1, 2, 3, 0])
+
+
+def _base_and_variant(variant, **kwargs):
+    """The base model and its variant with the same weights (both built with ``kwargs``)."""
+    base = timm.create_model(variant[:-len('_moex')], **kwargs)
+    model = timm.create_model(variant, **kwargs)
+    model.load_state_dict(base.state_dict())
+    assert get_moex_hook(model) is not None
+    return base, model
+
+
+@pytest.mark.parametrize('feature_cls', [None, 'getter'], ids=['list', 'getter'])
+@pytest.mark.parametrize('variant', SMALL)
+def test_features_only_variant_exchanges_at_the_stem_in_training_only(variant, feature_cls):
+    _, size, _ = SMALL[variant]
+    kwargs = dict(features_only=True, feature_cls=feature_cls) if feature_cls else dict(features_only=True)
+    base, model = _base_and_variant(variant, **kwargs)
+    hook = get_moex_hook(model)
+    x = torch.randn(4, 3, size, size)
+    # (eval first: an exchanged training forward moves the running statistics of the later BN layers)
+    with torch.no_grad():
+        model.eval(), base.eval()
+        hook.arm(PERM)
+        for got, want in zip(model(x), base(x)):  # eval: MoEx never applies
+            torch.testing.assert_close(got, want)
+        hook.disarm()
+        model.train(), base.train()
+        for got, want in zip(model(x), base(x)):  # not armed: the plain backbone
+            torch.testing.assert_close(got, want)
+        hook.arm(PERM)
+        armed, plain = model(x), base(x)
+        assert not hook.armed  # one forward used the arming
+        assert len(armed) == len(plain) > 1
+        assert (armed[-1] - plain[-1]).abs().max() > 1e-4  # the deepest map comes after the stem
+
+
+@pytest.mark.parametrize('variant', ['pyramidnet110_a48_moex', 'resnet18_cifar_moex', 'resnet18_moex'])
+def test_forward_intermediates_of_a_variant_exchange_in_training_only(variant):
+    kwargs, size, _ = SMALL[variant]
+    base, model = _base_and_variant(variant, **kwargs)
+    hook = get_moex_hook(model)
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        model.eval(), base.eval()
+        hook.arm(PERM)
+        final, maps = model.forward_intermediates(x)
+        final_base, maps_base = base.forward_intermediates(x)
+        torch.testing.assert_close(final, final_base)
+        for got, want in zip(maps, maps_base):
+            torch.testing.assert_close(got, want)
+        hook.disarm()
+        model.train(), base.train()
+        hook.arm(PERM)
+        final, maps = model.forward_intermediates(x)
+        final_base, maps_base = base.forward_intermediates(x)
+        assert (final - final_base).abs().max() > 1e-4 and (maps[-1] - maps_base[-1]).abs().max() > 1e-4
+
+
+def test_feature_wrapper_layer_finds_the_module_under_each_wrapper():
+    plain = timm.create_model('densenet121')
+    listed = timm.create_model('densenet121', features_only=True)
+    getter = timm.create_model('densenet121', features_only=True, feature_cls='getter')
+    assert timm_moex.hooks.feature_wrapper_layer(listed, plain, 'features.pool0') == 'features_pool0'
+    assert timm_moex.hooks.feature_wrapper_layer(getter, plain, 'features.pool0') == 'model.features.pool0'
+    resnet = timm.create_model('resnet18')
+    assert timm_moex.hooks.feature_wrapper_layer(timm.create_model('resnet18', features_only=True), resnet,
+                                                 'maxpool') == 'maxpool'
+    with pytest.raises(ValueError, match=r"does not keep the module 'fc' \(Linear\) of ResNet"):
+        timm_moex.hooks.feature_wrapper_layer(timm.create_model('resnet18', features_only=True), resnet, 'fc')
+
+
+# ---- export: strip_moex returns the plain model ----
+
+@pytest.mark.parametrize('variant', ['pyramidnet110_a48_moex', 'resnet18_cifar_moex'])
+def test_strip_moex_gives_a_model_that_scripts_traces_and_exports(variant):
+    kwargs, size, _ = SMALL[variant]
+    base, model = _base_and_variant(variant, **kwargs)
+    model.eval(), base.eval()
+    x = torch.randn(2, 3, size, size)
+    with pytest.raises(Exception):  # why the variants skip timm's TorchScript tests: a Python forward hook
+        torch.jit.script(model)
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = timm_moex.strip_moex(model)
+    assert plain is model and get_moex_hook(plain) is None
+    assert all(torch.equal(v, keys[k]) for k, v in plain.state_dict().items())
+    with torch.no_grad():
+        expected = base(x)
+        torch.testing.assert_close(plain(x), expected)
+        torch.testing.assert_close(torch.jit.script(plain)(x), expected)
+        traced = GraphExtractNet(plain, ['fc'])  # FX, with timm's leaf modules and untraced functions
+        torch.testing.assert_close(traced(x), expected)
+        exported = torch.export.export(plain, (x,))
+        torch.testing.assert_close(exported.module()(x), expected)
+    assert timm_moex.strip_moex(plain) is plain  # no hook: nothing to do
+
+
+def test_strip_moex_unwraps_compile():
+    model = timm.create_model('resnet18_cifar_moex', num_classes=10)
+    compiled = torch.compile(model)
+    assert timm_moex.strip_moex(compiled) is model and get_moex_hook(model) is None
+
+
+# ---- DenseNet-265, the paper's ImageNet DenseNet ----
+
+@pytest.mark.slow
+def test_densenet265_is_torchvisions_layout_and_loads_its_state_dict():
+    torchvision = pytest.importorskip('torchvision')
+    reference = torchvision.models.DenseNet(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64)
+    model = timm.create_model('densenet265')
+    count = sum(p.numel() for p in model.parameters())
+    assert count == sum(p.numel() for p in reference.parameters()) == 33_337_704
+    model.load_state_dict(reference.state_dict(), strict=True)
+    variant = timm.create_model('densenet265_moex')
+    variant.load_state_dict(reference.state_dict(), strict=True)
+    assert get_moex_hook(variant).layer == 'features.pool0'
+    model.eval(), reference.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)

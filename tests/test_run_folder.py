@@ -95,6 +95,30 @@ def test_the_command_reports_a_busy_folder_in_one_line(args, tmp_path):
                      ': wait for it to finish (or stop it), or pass another --output-dir'], proc.stderr
 
 
+@pytest.mark.skipif(sys.platform != 'linux', reason='gloo DDP on CPU tested on Linux')
+def test_a_ddp_run_on_a_held_folder_stops_every_process(args, tmp_path):
+    """Under DDP the main process takes the lock; the run stops at once instead of waiting at a barrier."""
+    out = tmp_path / 'run'
+    lock = RunLock(out)
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0',
+           str(ROOT / 'train_moex.py'), *args(out=out)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    finally:
+        lock.release()
+    busy = f'train_moex.py: the run folder is in use by another training process ({out}, PID {os.getpid()})'
+    # The main rank says it in one line and exits with the busy code; the launcher then stops the other rank
+    # (which would otherwise stop by itself with the same line), so the launch ends instead of hanging.
+    assert proc.returncode != 0
+    assert busy in proc.stderr, proc.stderr[-3000:]
+    assert f'exitcode  : {RunFolderBusy.exit_code} ' in proc.stderr, proc.stderr[-3000:]
+    # (the launcher's own ChildFailedError traceback follows; none comes from the script)
+    assert not [ln for ln in proc.stderr.splitlines() if ln.strip().startswith('File ') and 'moex' in ln], proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+
+
 def test_a_failed_start_leaves_no_folder_behind(args, tmp_path, capsys):
     out = tmp_path / 'never'
     one_line_error(capsys, args('--batch-size', '64', out=out), DataError.exit_code)  # 16 images
