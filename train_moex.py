@@ -330,17 +330,15 @@ def train(cfg, out, accelerator, saved):
     common = dict(criterion=criterion, device=accelerator.device, verbose=False,
                   criterion_kwargs=None if criterion is not None else dict(smoothing=cfg.smoothing,
                                                                            soft_targets=mixup is not None))
+    moex = timm_moex.MoExMixing(get_moex_hook(model), prob=cfg.moex_prob, lam=cfg.moex_lam) if cfg.moex else None
     if cfg.mix == 'automix':
         accelerator.unwrap_model(models[1]).total_steps = cfg.epochs * len(train_loader)  # momentum/area schedules
         task = AutoMixTask(model, models[1], alpha=cfg.automix_alpha, lam_margin=cfg.automix_lam_margin,
                            clean_weight=cfg.automix_clean_weight, area_weight=cfg.automix_area_weight,
-                           area_margin=cfg.automix_area_margin, area_decay=cfg.automix_area_decay,
-                           hook=get_moex_hook(model) if cfg.moex else None, moex_prob=cfg.moex_prob,
-                           moex_lam=cfg.moex_lam, **common)
+                           area_margin=cfg.automix_area_margin, area_decay=cfg.automix_area_decay, moex=moex,
+                           **common)
     elif cfg.snapmix:
-        task = SnapMixTask(model, alpha=cfg.snapmix_alpha, prob=cfg.snapmix_prob,
-                           hook=get_moex_hook(model) if cfg.moex else None, moex_prob=cfg.moex_prob,
-                           moex_lam=cfg.moex_lam, **common)
+        task = SnapMixTask(model, alpha=cfg.snapmix_alpha, prob=cfg.snapmix_prob, moex=moex, **common)
     elif cfg.moex:
         task = MoExClassificationTask(model, hook=get_moex_hook(model), prob=cfg.moex_prob, lam=cfg.moex_lam,
                                       pairing='flip' if mixup is not None else 'random', **common)

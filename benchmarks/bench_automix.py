@@ -26,7 +26,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.task import ClassificationTask
 
 from bench_moex import interleaved
-from timm_moex import AutoMix, AutoMixTask, attach_moex, get_moex_hook
+from timm_moex import AutoMix, AutoMixTask, MoExMixing, attach_moex, get_moex_hook
 
 
 def main() -> None:
@@ -63,7 +63,7 @@ def main() -> None:
         'mixup': ClassificationTask(model, criterion=SoftTargetCrossEntropy(), verbose=False, device=device),
         'automix': AutoMixTask(model, automix, verbose=False, device=device),
         'automix_noclean': AutoMixTask(model, automix, clean_weight=0.0, verbose=False, device=device),
-        'automix_moex': AutoMixTask(model, automix, hook=get_moex_hook(model), moex_prob=1.0, verbose=False,
+        'automix_moex': AutoMixTask(model, automix, moex=MoExMixing(get_moex_hook(model), prob=1.0), verbose=False,
                                     device=device),
     }
 

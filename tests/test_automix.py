@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import timm_moex  # noqa: F401  (registers resnet18_cifar)
-from timm_moex import attach_moex, get_moex_hook
+from timm_moex import MoExMixing, attach_moex, get_moex_hook
 from timm_moex.automix import (
     AutoMix, AutoMixTask, MixBlock, cosine_ramp, mask_area_loss, mix_images, parse_feature_layer,
     resolve_feature_layer)
@@ -542,7 +542,7 @@ def test_moex_shares_the_pairing_and_leaves_the_clean_half(monkeypatch):
     armed = []
     original_arm = hook.arm
     monkeypatch.setattr(hook, 'arm', lambda perm: (armed.append(perm.clone()), original_arm(perm)))
-    task = AutoMixTask(model, hook=hook, moex_prob=1.0, moex_lam=0.8, verbose=False)
+    task = AutoMixTask(model, moex=MoExMixing(hook, prob=1.0, lam=0.8), verbose=False)
     x, y = batch()
     result = task(x, y)
     assert result['moex']
@@ -558,7 +558,7 @@ def test_moex_shares_the_pairing_and_leaves_the_clean_half(monkeypatch):
 
 def test_moex_prob_zero_never_arms(monkeypatch):
     model = cifar_model(moex=True)
-    task = AutoMixTask(model, hook=get_moex_hook(model), moex_prob=0.0, verbose=False)
+    task = AutoMixTask(model, moex=MoExMixing(get_moex_hook(model), prob=0.0), verbose=False)
     assert not any(task(*batch(seed=s))['moex'] for s in range(3))
 
 
@@ -607,10 +607,50 @@ def test_both_encoders_learn_a_toy_problem():
     (dict(lam_margin=-0.1), 'lam_margin'), (dict(clean_weight=-1), 'clean_weight'),
     (dict(area_weight=math.nan), 'area_weight'), (dict(area_margin=2), 'area_margin'),
     (dict(moex_prob=1.5), 'moex_prob'), (dict(moex_lam=-0.5), 'moex_lam'), (dict(pairing='shift'), 'pairing'),
-    (dict(hook='stem'), 'hook'), (dict(automix=nn.Linear(2, 2)), 'automix')])
+    (dict(hook='stem'), 'hook'), (dict(automix=nn.Linear(2, 2)), 'automix'), (dict(moex='stem'), 'moex')])
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # the deprecated MoEx arguments are still checked
 def test_task_rejects_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         AutoMixTask(cifar_model(), verbose=False, **kwargs)
+
+
+def test_moex_must_share_the_pairing():
+    model = cifar_model(moex=True)
+    with pytest.raises(ValueError, match="AutoMixTask pairs the samples 'flip'.*pairing='random'"):
+        AutoMixTask(model, pairing='flip', moex=MoExMixing(get_moex_hook(model)), verbose=False)
+    task = AutoMixTask(model, pairing='flip', moex=MoExMixing(get_moex_hook(model), prob=1.0, pairing='flip'),
+                       verbose=False)
+    result = task(*batch())
+    assert result['moex'] and torch.equal(result['perm'], torch.arange(5, -1, -1))
+
+
+def test_deprecated_moex_arguments_still_work_and_warn():
+    """hook=, moex_prob=, moex_lam= warn, name moex=, and give the draws and losses of the moex= task."""
+    def results(task):
+        torch.manual_seed(4)
+        return [task(*batch(seed=s)) for s in range(3)]
+
+    model = cifar_model(moex=True)
+    hook = get_moex_hook(model)
+    with pytest.warns(DeprecationWarning, match=r'AutoMixTask: hook=, moex_prob= and moex_lam= are deprecated.*'
+                                                r"moex=MoExMixing\(hook, prob=0.5, lam=0.5, pairing='flip'\)"):
+        old = AutoMixTask(model, pairing='flip', hook=hook, moex_prob=0.5, verbose=False)
+    assert (old.moex.hook, old.moex.prob, old.moex.lam, old.moex.pairing) == (hook, 0.5, 0.5, 'flip')
+    old_results = results(old)
+    new_model = cifar_model(moex=True)
+    new = AutoMixTask(new_model, pairing='flip', moex=MoExMixing(get_moex_hook(new_model), prob=0.5, pairing='flip'),
+                      verbose=False)
+    new_results = results(new)
+    assert 0 < sum(r['moex'] for r in old_results) < 3
+    for a, b in zip(old_results, new_results):
+        assert a.keys() == b.keys() and a['moex'] == b['moex']
+        torch.testing.assert_close(a['loss'], b['loss'], rtol=0, atol=0)
+
+
+def test_moex_and_deprecated_arguments_together_are_refused():
+    model = cifar_model(moex=True)
+    with pytest.raises(ValueError, match='AutoMixTask got moex= and moex_prob=; pass moex= alone'):
+        AutoMixTask(model, moex=MoExMixing(get_moex_hook(model)), moex_prob=0.5, verbose=False)
 
 
 @pytest.mark.parametrize('kwargs, match', [

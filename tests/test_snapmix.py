@@ -10,7 +10,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.task import ClassificationTask
 
 import timm_moex  # noqa: F401  (registers resnet18_cifar)
-from timm_moex import attach_moex, get_moex_hook
+from timm_moex import MoExMixing, attach_moex, get_moex_hook
 from timm_moex.bitempered import BiTemperedLogisticLoss
 from timm_moex.snapmix import (
     SnapMixTask, cam_classifier, class_activation_maps, normalize_cams, per_sample_loss, random_box,
@@ -294,8 +294,14 @@ def test_arguments_are_checked():
         SnapMixTask(model, prob=1.5, verbose=False)
     with pytest.raises(ValueError, match='moex_lam must be .*-0.1'):
         SnapMixTask(model, moex_lam=-0.1, verbose=False)
-    with pytest.raises(TypeError, match='MoExHook'):
+    with pytest.raises(TypeError, match='MoExHook'), pytest.warns(DeprecationWarning):
         SnapMixTask(model, hook='stem', verbose=False)
+    moex_model = cifar_model(moex=True)
+    hook = get_moex_hook(moex_model)
+    with pytest.raises(TypeError, match='moex must be a timm_moex MoExMixing or None; got MoExHook'):
+        SnapMixTask(moex_model, moex=hook, verbose=False)
+    with pytest.raises(ValueError, match="pairs the samples 'random'.*pairing='flip'"):
+        SnapMixTask(moex_model, moex=MoExMixing(hook, pairing='flip'), verbose=False)
     with pytest.raises(ValueError, match="same_label must be one of.*'twice'"):
         SnapMixTask(model, same_label='twice', verbose=False)
 
@@ -345,7 +351,7 @@ def test_a_cnn_trains_one_step(name, size):
 def test_with_moex_the_same_perm_is_used():
     model = cifar_model(moex=True)
     hook = get_moex_hook(model)
-    task = SnapMixTask(model, prob=1.0, hook=hook, moex_prob=1.0, moex_lam=0.8, verbose=False).train()
+    task = SnapMixTask(model, prob=1.0, moex=MoExMixing(hook, prob=1.0, lam=0.8), verbose=False).train()
     armed_with = []
     arm = hook.arm
     hook.arm = lambda perm: (armed_with.append(perm), arm(perm))
@@ -368,7 +374,7 @@ def test_with_moex_the_same_perm_is_used():
 
 def test_moex_alone_is_the_moex_loss():
     model = cifar_model(moex=True)
-    task = SnapMixTask(model, prob=0.0, hook=get_moex_hook(model), moex_prob=1.0, moex_lam=0.7, verbose=False).train()
+    task = SnapMixTask(model, prob=0.0, moex=MoExMixing(get_moex_hook(model), prob=1.0, lam=0.7), verbose=False).train()
     x, y = batch()
     result = task(x, y)
     assert result['moex'] and not result['snapmix'] and 'weights' not in result
@@ -389,15 +395,15 @@ def test_without_either_it_is_the_plain_task():
 
 def test_never_mixes_in_eval():
     model = cifar_model(moex=True)
-    task = SnapMixTask(model, prob=1.0, hook=get_moex_hook(model), moex_prob=1.0, verbose=False).eval()
+    task = SnapMixTask(model, prob=1.0, moex=MoExMixing(get_moex_hook(model), prob=1.0), verbose=False).eval()
     result = task(*batch())
     assert not result['snapmix'] and not result['moex']
 
 
 def test_with_mixup_soft_targets():
     model = cifar_model(moex=True)
-    task = SnapMixTask(model, hook=get_moex_hook(model), moex_prob=1.0, criterion=SoftTargetCrossEntropy(),
-                       verbose=False).train()
+    task = SnapMixTask(model, moex=MoExMixing(get_moex_hook(model), prob=1.0, lam=0.9),
+                       criterion=SoftTargetCrossEntropy(), verbose=False).train()
     mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=5)
     x, y = mixup(*batch())
     result = task(x, y)
@@ -416,6 +422,48 @@ def test_with_the_bi_tempered_loss():
     expected = (w_a * per(result['output'], y) + w_b * per(result['output'], y[perm])).mean()
     torch.testing.assert_close(result['loss'], expected)
     result['loss'].backward()
+
+
+# ---- the deprecated MoEx arguments ----
+
+def run_batches(task, seed=4, n=3):
+    torch.manual_seed(seed)
+    x, y = batch(n=6)
+    return [task(x, y) for _ in range(n)]
+
+
+def test_deprecated_moex_arguments_still_work_and_warn():
+    """hook=, moex_prob=, moex_lam= warn, name moex=, and give the draws and losses of the moex= task, with the old
+    moex_lam default 0.9."""
+    model = cifar_model(moex=True)
+    hook = get_moex_hook(model)
+    with pytest.warns(DeprecationWarning, match=r'SnapMixTask: hook=, moex_prob= and moex_lam= are deprecated.*'
+                                                r'moex=MoExMixing\(hook, prob=0.5, lam=0.9\)'):
+        old = SnapMixTask(model, prob=0.5, hook=hook, moex_prob=0.5, verbose=False).train()
+    assert old.moex.hook is hook and (old.moex.prob, old.moex.lam, old.moex.pairing) == (0.5, 0.9, 'random')
+    assert old.hook is hook
+    new = SnapMixTask(model, prob=0.5, moex=MoExMixing(hook, prob=0.5, lam=0.9), verbose=False).train()
+    old_results, new_results = run_batches(old), run_batches(new)
+    assert [r['moex'] for r in old_results] == [r['moex'] for r in new_results]
+    assert any(r['moex'] for r in old_results) and any(r['snapmix'] for r in old_results)
+    for a, b in zip(old_results, new_results):
+        assert a.keys() == b.keys() and a['snapmix'] == b['snapmix']
+        assert torch.equal(a['perm'], b['perm']) if 'perm' in a else 'perm' not in b
+        torch.testing.assert_close(a['loss'], b['loss'], rtol=0, atol=0)
+
+
+def test_deprecated_arguments_without_a_hook_mean_no_moex():
+    model = cifar_model(moex=True)
+    with pytest.warns(DeprecationWarning, match=r'pass moex=None \(the default\)'):
+        task = SnapMixTask(model, moex_prob=1.0, moex_lam=0.5, verbose=False)
+    assert task.moex is None and task.hook is None
+
+
+def test_moex_and_deprecated_arguments_together_are_refused():
+    model = cifar_model(moex=True)
+    hook = get_moex_hook(model)
+    with pytest.raises(ValueError, match='SnapMixTask got moex= and hook=, moex_lam=; pass moex= alone'):
+        SnapMixTask(model, moex=MoExMixing(hook), hook=hook, moex_lam=0.5, verbose=False)
 
 
 # ---- the task against SnapMix's formulas, computed independently ----

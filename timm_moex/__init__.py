@@ -9,6 +9,7 @@ from .hooks import STEM_LAYERS, MoExHook, attach_moex, get_moex_hook, resolve_mo
 from .losses import MoExLoss
 from .models import create_model, is_moex_variant, register_moex_variant
 from .moex import MOEX_IMPLS, MOEX_NORMS, moment_exchange
+from .moex_mixing import MoExMixing
 from .snapmix import SnapMixTask, snapmix_boxes, snapmix_weights
 from .tasks import MoExClassificationTask
 
@@ -17,7 +18,7 @@ __version__ = '0.1.0'
 __all__ = [
     'moment_exchange', 'MOEX_NORMS', 'MOEX_IMPLS',
     'MoExHook', 'attach_moex', 'get_moex_hook', 'strip_moex', 'resolve_moex_layer', 'STEM_LAYERS',
-    'MoExLoss', 'MoExClassificationTask',
+    'MoExLoss', 'MoExMixing', 'MoExClassificationTask',
     'create_model', 'is_moex_variant', 'register_moex_variant',
     'BiTemperedLogisticLoss', 'bi_tempered_logistic_loss', 'tempered_softmax',
     'SnapMixTask', 'snapmix_boxes', 'snapmix_weights',

@@ -54,9 +54,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.task import ClassificationTask
 
-from .hooks import MoExHook, _unwrap, get_moex_hook
+from .checks import check_beta_alpha, check_choice, check_unit_interval
+from .hooks import MoExHook, get_moex_hook
 from .losses import MoExLoss
-from .tasks import PAIRINGS, _check_beta_alpha, _check_unit_interval, coin, draw_pairing
+from .moex_mixing import PAIRINGS, MoExMixing, draw_pairing, resolve_moex_argument
+from .wrappers import unwrap_model
 
 __all__ = ['AutoMix', 'AutoMixTask', 'MixBlock', 'mask_area_loss', 'mix_images', 'resolve_feature_layer',
            'parse_feature_layer', 'cosine_ramp', 'LAM_EMBEDS', 'UPSAMPLE_MODES']
@@ -89,7 +91,7 @@ def resolve_feature_layer(model: nn.Module, layer: Union[int, str] = -2) -> str:
     the stage before the last: a ResNet's or ConvNeXt's third stage, as in the paper) or a
     dotted module name.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     name = type(model).__name__
     if isinstance(layer, bool) or not isinstance(layer, (int, str)):
         raise TypeError(f'feature layer must be an index into feature_info or a module name; got {layer!r}')
@@ -144,10 +146,8 @@ class MixBlock(nn.Module):
             raise ValueError(f'in_chs must be a positive integer; got {in_chs!r}')
         if isinstance(reduction, bool) or not isinstance(reduction, int) or not 1 <= reduction <= in_chs:
             raise ValueError(f'reduction must be an integer in [1, in_chs={in_chs}]; got {reduction!r}')
-        if lam_embed not in LAM_EMBEDS:
-            raise ValueError(f'lam_embed must be one of {LAM_EMBEDS}; got {lam_embed!r}')
-        if upsample not in UPSAMPLE_MODES:
-            raise ValueError(f'upsample must be one of {UPSAMPLE_MODES}; got {upsample!r}')
+        check_choice('lam_embed', lam_embed, LAM_EMBEDS)
+        check_choice('upsample', upsample, UPSAMPLE_MODES)
         self.lam_embed = lam_embed
         self.upsample = upsample
         embed_chs = in_chs + (lam_embed == 'concat')
@@ -189,6 +189,14 @@ def mask_area_loss(mask: torch.Tensor, lam: float, margin: float = 0.1) -> torch
 
     The mean runs over the whole batch, as in the released code: single masks may stray from
     ``lam`` as long as their average does not.
+
+    Args:
+        mask: The masks ``M`` (B, 1, H, W), image i's weight at each pixel.
+        lam: The mixing weight the masks were made for.
+        margin: How far the mean area may stray from ``lam`` at no cost.
+
+    Returns:
+        The loss, a float32 scalar.
     """
     return F.relu((mask.float().mean() - lam).abs() - margin)
 
@@ -283,7 +291,7 @@ class AutoMix(nn.Module):
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 1):
             raise ValueError(f'total_steps must be a positive integer or None; got {total_steps!r}')
-        online = _unwrap(model)
+        online = unwrap_model(model)
         self.feature_layer = resolve_feature_layer(online, feature_layer)
         self.classifier_name = _classifier_name(online) if mix_head else None
         self.base_momentum = float(momentum)
@@ -404,7 +412,7 @@ class AutoMix(nn.Module):
 
         The momentum encoder's classifier follows ``mix_head`` when there is one.
         """
-        online = _unwrap(model)
+        online = unwrap_model(model)
         sources = dict(online.named_parameters())
         if self.mix_head is not None:
             sources.update((f'{self.classifier_name}.{n}', p) for n, p in self.mix_head.named_parameters())
@@ -479,11 +487,17 @@ class AutoMixTask(ClassificationTask):
     statistics: the mixed and the clean images are normalized together, and the running
     statistics take one update per step instead of two.
 
-    With MoEx (``hook`` given, drawn with ``moex_prob``): the mixed sample i takes the stem
-    moments of the mixed sample ``perm[i]`` (the same pairing; the clean half is not
-    exchanged), and its loss is ``moex_lam * mixup_loss(out, y, perm, lam) + (1 - moex_lam) *
-    mixup_loss(out, y[perm], perm, lam)``: the MoEx loss with the donor's mixed label
-    ``lam * y_perm[i] + (1 - lam) * y_perm[perm[i]]`` as the second target.
+    With MoEx (``moex`` given, drawn with probability ``moex.prob``): the mixed sample i
+    takes the stem moments of the mixed sample ``perm[i]`` (the same pairing; the clean half is
+    not exchanged), and its loss is ``moex_lam * mixup_loss(out, y, perm, lam) + (1 - moex_lam) *
+    mixup_loss(out, y[perm], perm, lam)`` with ``moex_lam = moex.lam``: the MoEx loss with the
+    donor's mixed label ``lam * y_perm[i] + (1 - lam) * y_perm[perm[i]]`` as the second target.
+
+    The result dict holds 'loss', 'output' (the mixed images' logits), 'output_clean' (the
+    clean images' logits, or None), 'automix', 'moex', 'lam', 'perm', 'lam_mb', 'perm_mb',
+    'plain_mixup' (lam was within the margin), 'mask_area' (mean of the Mix Block's training
+    mask), and the loss terms 'mix_loss', 'clean_loss', 'mix_block_loss' and 'area_loss'
+    (detached).
 
     Args:
         model: The online encoder.
@@ -493,18 +507,20 @@ class AutoMixTask(ClassificationTask):
         clean_weight: Weight of the loss on the clean images (0 skips them).
         area_weight, area_margin, area_decay: The mask-area loss (the released CIFAR configs:
             0.1, 0.1, no decay; the ImageNet ones decay the weight).
-        pairing: 'random' (random permutations) or 'flip' (i with B-1-i).
-        hook, moex_prob, moex_lam: MoEx on the online encoder (hook None: no MoEx).
+        pairing: 'random' (random permutations) or 'flip' (i with B-1-i), for the mixing and MoEx.
+        moex: MoEx on the online encoder (its pairing must be ``pairing``), or None for no MoEx.
         two_forwards: Mixed and clean images in two forwards of the model, as the released
             code (single process only: DDP needs one forward per backward).
         criterion, criterion_kwargs, device, dtype, verbose: as ``timm.task.ClassificationTask``
             (targets are class indices).
+        hook, moex_prob, moex_lam: Deprecated spelling of ``moex=MoExMixing(hook,
+            prob=moex_prob, lam=moex_lam, pairing=pairing)``, with the old defaults
+            ``moex_prob=0.25`` and ``moex_lam=0.5``; a ``DeprecationWarning`` says so, and giving
+            them together with ``moex`` is a ValueError.
 
-    The result dict holds 'loss', 'output' (the mixed images' logits), 'output_clean' (the
-    clean images' logits, or None), 'automix', 'moex', 'lam', 'perm', 'lam_mb', 'perm_mb',
-    'plain_mixup' (lam was within the margin), 'mask_area' (mean of the Mix Block's training
-    mask), and the loss terms 'mix_loss', 'clean_loss', 'mix_block_loss' and 'area_loss'
-    (detached).
+    Raises:
+        ValueError: An argument is out of range, or ``moex`` is given both ways.
+        TypeError: ``automix``, ``moex`` or ``hook`` is of the wrong type.
     """
 
     def __init__(
@@ -518,33 +534,32 @@ class AutoMixTask(ClassificationTask):
             area_margin: float = 0.1,
             area_decay: bool = True,
             pairing: str = 'random',
-            hook: Optional[MoExHook] = None,
-            moex_prob: float = 0.25,
-            moex_lam: float = 0.5,
+            moex: Optional[MoExMixing] = None,
             two_forwards: bool = False,
             criterion: Optional[Union[nn.Module, Callable]] = None,
             criterion_kwargs: Optional[Dict[str, Any]] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
+            *,
+            hook: Optional[MoExHook] = None,
+            moex_prob: Optional[float] = None,
+            moex_lam: Optional[float] = None,
     ):
-        alpha = _check_beta_alpha(alpha, paper_value=2)
-        lam_margin = _check_unit_interval('lam_margin', lam_margin)
+        alpha = check_beta_alpha(alpha, paper_value=2)
+        lam_margin = check_unit_interval('lam_margin', lam_margin)
         if lam_margin >= 0.5:
             raise ValueError(f'lam_margin must be below 0.5 (else every batch is plain Mixup); got {lam_margin}')
         for name, value in (('clean_weight', clean_weight), ('area_weight', area_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f'{name} must be a finite number >= 0; got {value!r}')
-        area_margin = _check_unit_interval('area_margin', area_margin)
-        moex_prob = _check_unit_interval('moex_prob', moex_prob)
-        moex_lam = _check_unit_interval('moex_lam', moex_lam)
-        if pairing not in PAIRINGS:
-            raise ValueError(f'pairing must be one of {PAIRINGS}; got {pairing!r}')
-        if hook is not None and not isinstance(hook, MoExHook):
-            raise TypeError(f'hook must be a timm_moex MoExHook (see get_moex_hook) or None; got {type(hook).__name__}')
+        area_margin = check_unit_interval('area_margin', area_margin)
+        check_choice('pairing', pairing, PAIRINGS)
+        moex = resolve_moex_argument(type(self).__name__, moex, hook, moex_prob, moex_lam, legacy_lam=0.5,
+                                     pairing=pairing)
         if automix is None:
             automix = AutoMix(model)
-        elif not isinstance(_unwrap(automix), AutoMix):
+        elif not isinstance(unwrap_model(automix), AutoMix):
             raise TypeError(f'automix must be a timm_moex AutoMix (possibly DDP-wrapped); got {type(automix).__name__}')
         super().__init__(model, criterion=criterion, criterion_kwargs=criterion_kwargs,
                          device=device, dtype=dtype, verbose=verbose)
@@ -556,15 +571,18 @@ class AutoMixTask(ClassificationTask):
         self.area_margin = area_margin
         self.area_decay = bool(area_decay)
         self.pairing = pairing
-        self.hook = hook
-        self.moex_prob = moex_prob
-        self.moex_lam = moex_lam
+        self.moex = moex
         self.two_forwards = bool(two_forwards)
         self.mixup_loss = MoExLoss(self.criterion)  # lam * l(y) + (1 - lam) * l(y[perm])
         if self.verbose:
-            moex = f', {hook}, moex_prob={moex_prob}, moex_lam={moex_lam}' if hook is not None else ''
+            with_moex = f', {moex}' if moex is not None else ''
             _logger.info(f'{type(self).__name__}: alpha={self.alpha}, feature layer '
-                         f'{_unwrap(automix).feature_layer!r}, pairing={pairing}{moex}')
+                         f'{unwrap_model(automix).feature_layer!r}, pairing={pairing}{with_moex}')
+
+    @property
+    def hook(self) -> Optional[MoExHook]:
+        """The model's MoEx hook, or None without MoEx."""
+        return self.moex.hook if self.moex is not None else None
 
     def _area_weight(self, automix: AutoMix) -> float:
         if not self.area_decay:
@@ -583,7 +601,7 @@ class AutoMixTask(ClassificationTask):
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The Mix Block, the momentum encoder and the update count (timm checkpoints' 'task_state')."""
-        return {} if ema else {'automix': _unwrap(self.automix).state_dict()}
+        return {} if ema else {'automix': unwrap_model(self.automix).state_dict()}
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True, module: Optional[nn.Module] = None,
                         ema: bool = False) -> None:
@@ -593,7 +611,7 @@ class AutoMixTask(ClassificationTask):
             if strict:
                 raise KeyError(f"task state has no 'automix' entry (keys: {sorted(state)})")
             return
-        _unwrap(self.automix).load_state_dict(state['automix'], strict=strict)
+        unwrap_model(self.automix).load_state_dict(state['automix'], strict=strict)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
         if not self.get_trainable_module().training:
@@ -602,7 +620,7 @@ class AutoMixTask(ClassificationTask):
         batch_size = input.shape[0]
         lam_mb, lam = torch.distributions.Beta(self.alpha, self.alpha).sample((2,)).tolist()
         perm_mb, perm = (draw_pairing(self.pairing, batch_size, input.device) for _ in range(2))
-        automix = _unwrap(self.automix)
+        automix = unwrap_model(self.automix)
         automix.train()
         area_weight = self._area_weight(automix)
         automix.update_momentum(self.trainable_module)
@@ -614,18 +632,18 @@ class AutoMixTask(ClassificationTask):
         plain = min(lam, 1.0 - lam) <= self.lam_margin
         mixed = mix_images(input, perm, lam if plain else mixer['mask'])
         clean = self.clean_weight > 0
-        moex = self.hook is not None and coin(self.moex_prob)
+        moex = self.moex is not None and self.moex.fires(True)
         out_clean = None
         if self.two_forwards:
             if moex:
-                self.hook.arm(perm)
+                self.moex.arm(perm)
             with automix.route_mixed(batch_size):
                 out_mix = self.trainable_module(mixed)
             if clean:
                 out_clean = self.trainable_module(input)
         else:
             if moex:  # the clean half keeps its own moments (the identity pairing)
-                self.hook.arm(torch.cat([perm, torch.arange(batch_size, 2 * batch_size, device=perm.device)])
+                self.moex.arm(torch.cat([perm, torch.arange(batch_size, 2 * batch_size, device=perm.device)])
                               if clean else perm)
             with automix.route_mixed(batch_size):
                 output = self.trainable_module(torch.cat([mixed, input]) if clean else mixed)
@@ -633,10 +651,10 @@ class AutoMixTask(ClassificationTask):
             if clean:
                 out_clean = output[batch_size:]
 
-        mix_loss = self.mixup_loss(out_mix, target, perm, lam)
-        if moex and self.moex_lam < 1.0:
-            mix_loss = self.moex_lam * mix_loss + (1.0 - self.moex_lam) * self.mixup_loss(
-                out_mix, target[perm], perm, lam)
+        if moex:
+            mix_loss = self.moex.loss(lambda out, y: self.mixup_loss(out, y, perm, lam), out_mix, target, perm)
+        else:
+            mix_loss = self.mixup_loss(out_mix, target, perm, lam)
         loss = mix_loss + mix_block_loss + area_weight * area_loss
         clean_loss = None
         if clean:

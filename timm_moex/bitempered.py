@@ -127,7 +127,17 @@ def _tempered_log_softmax(a: torch.Tensor, t: float, num_iters: int) -> torch.Te
 
 
 def tempered_softmax(a: torch.Tensor, t: float, num_iters: int = 5) -> torch.Tensor:
-    """``exp_t(a - lam(a))`` over the last dimension: sums to 1; the softmax at t = 1."""
+    """``exp_t(a - lam(a))`` over the last dimension: sums to 1; the softmax at t = 1.
+
+    Args:
+        a: Activations (..., K).
+        t: Temperature; > 1 gives heavy tails, < 1 a finite support.
+        num_iters: Iterations of the normalizer's fixed-point iteration or bisection (see
+            :func:`tempered_normalizer`).
+
+    Returns:
+        Probabilities of a's shape.
+    """
     return torch.exp(_tempered_log_softmax(a, t, num_iters))
 
 
@@ -149,11 +159,21 @@ def bi_tempered_logistic_loss(
 ) -> torch.Tensor:
     """The bi-tempered logistic loss of ``logits`` (..., K) and ``target``.
 
-    ``target`` holds class indices (an integer tensor of shape (...)) or probabilities (a float
-    tensor of the logits' shape, such as ``timm.data.Mixup`` makes; rows need not sum to 1).
-    ``smoothing`` s maps either to ``(1 - s) * y + s / K`` (timm's convention). The loss is
-    computed in float32 (float64 stays float64) with autocast off. ``reduction``: 'mean',
-    'sum' or 'none' (one value per row).
+    The loss is computed in float32 (float64 stays float64) with autocast off.
+
+    Args:
+        logits: Floating-point activations (..., K).
+        target: Class indices (an integer tensor of shape (...)) or probabilities (a float
+            tensor of the logits' shape, such as ``timm.data.Mixup`` makes; rows need not sum to 1).
+        t1: Temperature of the loss' logarithm, in (0, 2); < 1 bounds the loss.
+        t2: Temperature of the softmax, > 0; > 1 gives heavy tails.
+        smoothing: Label smoothing s, in [0, 1): either target becomes ``(1 - s) * y + s / K``
+            (timm's convention).
+        num_iters: Iterations of the softmax normalizer's fixed-point iteration or bisection; >= 1.
+        reduction: 'mean', 'sum' or 'none' (one value per row).
+
+    Returns:
+        The loss: a scalar, or one value per row with ``reduction='none'``.
     """
     _check_args(t1, t2, smoothing, num_iters)
     if reduction not in ('mean', 'sum', 'none'):

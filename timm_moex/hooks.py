@@ -7,7 +7,8 @@ import torch.nn as nn
 from timm.models import FeatureDictNet, FeatureGraphNet, FeatureHookNet
 from timm.models._features import FeatureGetterNet
 
-from .moex import _check_impl, moment_exchange, parse_norm
+from .moex import check_impl, moment_exchange, parse_norm
+from .wrappers import unwrap_model
 
 __all__ = [
     'MoExHook', 'attach_moex', 'get_moex_hook', 'strip_moex', 'resolve_moex_layer', 'feature_wrapper_layer',
@@ -15,7 +16,6 @@ __all__ = [
 ]
 
 STEM_LAYERS: Dict[str, str] = {
-    # timm model class -> the module whose output is the stem's output.
     'ResNet': 'maxpool',  # resnet, resnext, seresnet, wide_resnet, ...
     'ConvNeXt': 'stem',
     'RegNet': 'stem',
@@ -26,19 +26,9 @@ STEM_LAYERS: Dict[str, str] = {
     'VisionTransformer': 'norm_pre',
     'SwinTransformer': 'patch_embed',
 }
+"""timm model class (or a base class of it) -> the module whose output is the stem's output."""
 
 _HOOK_ATTR = '_moex_hook'
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def _top_level_names(model: nn.Module) -> List[str]:
@@ -108,10 +98,19 @@ def _stem_from_group_matcher(model: nn.Module) -> Optional[str]:
 def resolve_moex_layer(model: nn.Module, layer: str = 'stem') -> str:
     """The dotted name of the module whose output MoEx changes.
 
-    ``'stem'`` is looked up by model class in ``STEM_LAYERS``, then through the model's
-    ``group_matcher()['stem']``; any other value must name a module of the model.
+    Args:
+        model: The model (also inside DDP or torch.compile wrappers, or a timm
+            ``features_only`` wrapper made by ``timm.create_model(..., features_only=True)``).
+        layer: ``'stem'``, looked up by model class in ``STEM_LAYERS``, then through the
+            model's ``group_matcher()['stem']``; any other value must name a module of the model.
+
+    Returns:
+        The dotted module name.
+
+    Raises:
+        ValueError: The stem cannot be found, or ``layer`` is not a module of the model.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if layer == 'stem' and isinstance(model, FeatureGetterNet):
         return 'model.' + resolve_moex_layer(model.model, layer)
     if layer == 'stem' and isinstance(model, _FEATURE_WRAPPERS):
@@ -144,7 +143,17 @@ class MoExHook:
 
     ``arm(perm)`` arms it for the next forward only: that forward consumes the permutation
     and changes the output if the module is in training mode; every later forward (an EMA
-    or eval pass, say) is untouched until the next ``arm``.
+    or eval pass, say) is untouched until the next ``arm``. Usually made by :func:`attach_moex`.
+
+    Args:
+        model: The model that holds the module.
+        layer: Dotted name of the module whose output is changed.
+        norm: Which moments are exchanged (see ``moment_exchange``).
+        eps: Added to the variance inside the square root; >= 0.
+        detach: Stop gradients through the donor's moments.
+        channel_dim: The channel dimension of the output; None finds it from the output's rank
+            and ``model.output_fmt`` (NCHW, NHWC, or tokens (B, N, C)).
+        impl: The implementation of ``moment_exchange`` (``MOEX_IMPLS``).
     """
 
     def __init__(
@@ -160,7 +169,7 @@ class MoExHook:
         parse_norm(norm)
         if not eps >= 0:
             raise ValueError(f'eps must be >= 0; got {eps}')
-        _check_impl(impl)
+        check_impl(impl)
         self.impl = impl
         self.layer = layer
         self.norm = norm
@@ -232,18 +241,32 @@ def attach_moex(
         channel_dim: Optional[int] = None,
         impl: str = 'auto',
 ) -> MoExHook:
-    """Attach a MoEx hook to ``model`` at ``layer`` ('stem' or a dotted module name).
+    """Attach a MoEx hook to ``model`` at ``layer``.
 
     Attach before ``torch.compile`` (a hook added to a compiled model is not traced) and
-    before wrapping in DDP. ``channel_dim`` overrides the layout found from the output's rank
-    and ``model.output_fmt``: NCHW, NHWC, or tokens (B, N, C). ``impl`` picks the
-    implementation of ``moment_exchange`` (the result is the same).
+    before wrapping in DDP.
+
+    Args:
+        model: The model (DDP / DataParallel wrappers are opened; a compiled model is refused).
+        layer: ``'stem'`` or a dotted module name (see :func:`resolve_moex_layer`).
+        norm: Which moments are exchanged (see ``moment_exchange``).
+        eps: Added to the variance inside the square root; >= 0.
+        detach: Stop gradients through the donor's moments.
+        channel_dim: Overrides the layout found from the output's rank and
+            ``model.output_fmt``: NCHW, NHWC, or tokens (B, N, C).
+        impl: The implementation of ``moment_exchange`` (the result is the same).
+
+    Returns:
+        The hook, also kept on the model (see :func:`get_moex_hook`).
+
+    Raises:
+        ValueError: ``model`` is compiled or already has a hook, or ``layer`` cannot be found.
     """
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise ValueError(
             'attach_moex got a torch.compile()d model: a hook added after compiling is not traced. '
             'Attach MoEx to the plain model first, then compile it.')
-    model = _unwrap(model)
+    model = unwrap_model(model)
     existing = getattr(model, _HOOK_ATTR, None)
     if existing is not None:
         raise ValueError(f'{type(model).__name__} already has {existing}; call .remove() on it first')
@@ -254,8 +277,15 @@ def attach_moex(
 
 
 def get_moex_hook(model: nn.Module) -> Optional[MoExHook]:
-    """The MoEx hook attached to ``model`` (also inside DDP or torch.compile wrappers), or None."""
-    return getattr(_unwrap(model), _HOOK_ATTR, None)
+    """The MoEx hook attached to ``model``.
+
+    Args:
+        model: A model, also inside DDP or torch.compile wrappers.
+
+    Returns:
+        Its hook, or None when it has none.
+    """
+    return getattr(unwrap_model(model), _HOOK_ATTR, None)
 
 
 def strip_moex(model: nn.Module) -> nn.Module:
@@ -272,7 +302,7 @@ def strip_moex(model: nn.Module) -> nn.Module:
     Returns:
         The plain model (the one inside DDP / DataParallel / torch.compile wrappers).
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     hook = getattr(model, _HOOK_ATTR, None)
     if hook is not None:
         hook.remove()

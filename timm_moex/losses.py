@@ -4,26 +4,63 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ['MoExLoss']
+__all__ = ['MoExLoss', 'interpolated_loss']
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def interpolated_loss(criterion: Criterion, output: torch.Tensor, target: torch.Tensor, perm: torch.Tensor,
+                      lam: float) -> torch.Tensor:
+    """``lam * criterion(output, target) + (1 - lam) * criterion(output, target[perm])``.
+
+    Args:
+        criterion: The loss of a batch of outputs against a batch of targets.
+        output: The model's outputs.
+        target: Class indices (with any criterion, label smoothing included) or soft targets,
+            such as ``timm.data.Mixup`` makes; soft targets are permuted row-wise.
+        perm: Sample i's partner is ``perm[i]``.
+        lam: Weight of each sample's own target, in [0, 1]; at 1 the criterion runs once.
+
+    Returns:
+        The interpolated loss.
+
+    Raises:
+        ValueError: ``lam`` is outside [0, 1].
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f'lam must be in [0, 1]; got {lam}')
+    if lam == 1.0:
+        return criterion(output, target)
+    return lam * criterion(output, target) + (1.0 - lam) * criterion(output, target[perm])
 
 
 class MoExLoss(nn.Module):
     """λ-interpolated loss of a sample's own target and its moment donor's target.
 
-    ``loss_fn(output, target, perm, lam)`` is
+    ``loss_fn(output, target, perm, lam)`` is :func:`interpolated_loss`:
     ``lam * criterion(output, target) + (1 - lam) * criterion(output, target[perm])``.
     ``target`` may be class indices (with any criterion, label smoothing included) or the soft
     targets that ``timm.data.Mixup`` makes; soft targets are permuted row-wise, so a
     CutMix + MoEx batch that shares ``perm`` gets the paper's three-term loss.
+
+    Args:
+        criterion: The loss of a batch of outputs against a batch of targets.
     """
 
-    def __init__(self, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    def __init__(self, criterion: Criterion):
         super().__init__()
         self.criterion = criterion
 
     def forward(self, output: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, lam: float) -> torch.Tensor:
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f'lam must be in [0, 1]; got {lam}')
-        if lam == 1.0:
-            return self.criterion(output, target)
-        return lam * self.criterion(output, target) + (1.0 - lam) * self.criterion(output, target[perm])
+        """The interpolated loss.
+
+        Args:
+            output: The model's outputs.
+            target: Class indices or soft targets.
+            perm: Sample i took the moments of sample ``perm[i]``.
+            lam: Weight of each sample's own target, in [0, 1].
+
+        Returns:
+            ``lam * criterion(output, target) + (1 - lam) * criterion(output, target[perm])``.
+        """
+        return interpolated_loss(self.criterion, output, target, perm, lam)

@@ -240,7 +240,7 @@ def _load_triton_kernels() -> Optional[ModuleType]:
 
 def _fused_kernels(impl: str, x: torch.Tensor, norm: str, channel_dim: int, groups: int) -> Optional[ModuleType]:
     """The Triton kernel module if ``impl`` and x call for it, else None (PyTorch ops)."""
-    _check_impl(impl)
+    check_impl(impl)
     if impl == 'torch' or (impl == 'auto' and not x.is_cuda):
         return None
     kind = parse_norm(norm)[0]
@@ -268,7 +268,15 @@ def _fused_kernels(impl: str, x: torch.Tensor, norm: str, channel_dim: int, grou
     return None
 
 
-def _check_impl(impl: str) -> None:
+def check_impl(impl: str) -> None:
+    """Refuse an ``impl`` that is not one of ``MOEX_IMPLS``.
+
+    Args:
+        impl: The implementation asked for.
+
+    Raises:
+        ValueError: ``impl`` is not in ``MOEX_IMPLS``.
+    """
     if impl not in MOEX_IMPLS:
         raise ValueError(f'impl={impl!r} is not an implementation of moment_exchange; use one of {MOEX_IMPLS}')
 

@@ -29,9 +29,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from timm.layers import ClassifierHead, SelectAdaptivePool2d
 from timm.task import ClassificationTask
 
-from .hooks import MoExHook, _unwrap
-from .losses import MoExLoss
-from .tasks import _check_beta_alpha, _check_unit_interval, coin
+from .checks import check_beta_alpha, check_choice, check_unit_interval
+from .hooks import MoExHook
+from .moex_mixing import MoExMixing, coin, resolve_moex_argument
+from .wrappers import unwrap_model
 
 __all__ = ['SnapMixTask', 'Box', 'random_box', 'snapmix_boxes', 'class_activation_maps', 'normalize_cams',
            'snapmix_weights', 'snapmix_paste', 'snapmix_moex_weights', 'same_label_weights', 'cam_classifier',
@@ -71,6 +72,14 @@ def snapmix_boxes(height: int, width: int, alpha: float = 5.0) -> Tuple[Box, Box
     """(box_a, box_b): where the paste goes in image i, and what is cut from its partner.
 
     Each is a :func:`random_box` with its own ``lam ~ Beta(alpha, alpha)`` (torch's RNG).
+
+    Args:
+        height: Image height in pixels.
+        width: Image width in pixels.
+        alpha: The Beta distribution's parameter (the paper's 5).
+
+    Returns:
+        ``(box_a, box_b)``, each ``(top, bottom, left, right)``.
     """
     beta = torch.distributions.Beta(float(alpha), float(alpha))
     return random_box(height, width, beta.sample().item()), random_box(height, width, beta.sample().item())
@@ -135,13 +144,21 @@ def snapmix_weights(
         box_b: Box,
         normalize: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The label weights (w_a, w_b), each of shape (B,), in [0, 1].
+    """The label weights (w_a, w_b) of SnapMix.
 
-    ``cam_a`` (B, H, W) are the CAMs of the images receiving the paste in ``box_a``,
-    ``cam_b`` those of their partners (``cams[perm]``), cut at ``box_b``; the boxes are in the
-    maps' pixels. With ``normalize`` the maps go through :func:`normalize_cams` first, so raw
-    maps work too; without, they must already be normalized. When either box is empty nothing
-    is pasted: w_a = 1, w_b = 0.
+    When either box is empty nothing is pasted: w_a = 1, w_b = 0.
+
+    Args:
+        cam_a: The CAMs (B, H, W) of the images receiving the paste in ``box_a``.
+        cam_b: Those of their partners (``cams[perm]``), cut at ``box_b``.
+        box_a: Where the paste goes, in the maps' pixels.
+        box_b: What is cut from the partner, in the maps' pixels.
+        normalize: Pass the maps through :func:`normalize_cams` first, so raw maps work too;
+            without, they must already be normalized.
+
+    Returns:
+        ``(w_a, w_b)``, each of shape (B,), in [0, 1]: the weight of image i's label (what is
+        left of it) and of its partner's (what was pasted of it).
     """
     if cam_a.shape != cam_b.shape or cam_a.dim() != 3:
         raise ValueError(f'cam_a and cam_b must both be (B, H, W); got {tuple(cam_a.shape)} and {tuple(cam_b.shape)}')
@@ -252,7 +269,7 @@ def cam_classifier(model: nn.Module) -> nn.Linear:
     ``nn.Linear`` taking ``model.num_features`` inputs (so nothing else sits between the pooling
     and the classifier), and ``forward_features`` gives NCHW maps.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     name = type(model).__name__
     if not callable(getattr(model, 'forward_features', None)) or not callable(getattr(model, 'get_classifier', None)):
         raise ValueError(_head_error(name, 'it has no forward_features / get_classifier'))
@@ -287,9 +304,11 @@ class SnapMixTask(ClassificationTask):
     per-sample criterion values (:func:`per_sample_loss`): the criterion must average over the
     batch, as timm's do.
 
-    With ``hook`` (a ``MoExHook`` of the model, e.g. ``get_moex_hook(model)``), MoEx fires
-    per batch with probability ``moex_prob``, independently of SnapMix; when both fire they
-    use the SAME ``perm``, and the label weights are those of :func:`snapmix_moex_weights`:
+    With ``moex`` (a :class:`~timm_moex.MoExMixing` of the model's hook, e.g.
+    ``MoExMixing(get_moex_hook(model), prob=0.25, lam=0.9)``; below ``moex_lam`` is its
+    ``lam``), MoEx fires per batch with probability ``moex.prob``, independently of SnapMix;
+    both pair the samples at random, and when both fire they use the SAME ``perm``. The label
+    weights are then those of :func:`snapmix_moex_weights`:
 
         c1 = moex_lam * w_a                              on y
         c2 = moex_lam * w_b + (1 - moex_lam) * w_a[perm]  on y[perm]
@@ -315,23 +334,31 @@ class SnapMixTask(ClassificationTask):
     processes must draw the same SnapMix coin (seed them alike), since the CAM pass runs the
     normalization's collectives.
 
+    The result dict holds 'loss', 'output', 'snapmix' and 'moex' (whether each was applied),
+    and when either was, 'perm' (sample i's partner and moment donor is perm[i]); with SnapMix
+    also 'weights' (w_a, w_b) and 'boxes' (box_a, box_b).
+
     Args:
         model: A CNN with a global-average-pool + linear head (:func:`cam_classifier`).
         alpha: Beta(alpha, alpha) of each box's lam (the paper's 5).
         prob: Probability that a batch is SnapMixed (decided per batch and process).
-        hook: The model's MoEx hook, or None for SnapMix alone.
-        moex_prob: Probability that a batch is moment-exchanged (with ``hook``).
-        moex_lam: MoEx weight of the sample's own target (the paper's CutMix + MoEx 0.9).
+        moex: MoEx in the same step (its pairing must be 'random'), or None for SnapMix alone.
+            ``MoExMixing``'s default lam is 0.5; the paper's CutMix + MoEx recipe uses 0.9.
         same_label: 'add' or 'double' (SnapMix's code): the weights of a pair with equal labels.
         cam_relu: ReLU on the features before the CAMs (SnapMix's code; see
             :func:`class_activation_maps`).
         criterion, criterion_kwargs, device, dtype, verbose: as ``timm.task.ClassificationTask``.
             Targets are class indices or soft targets (``timm.data.Mixup``); soft targets are
             permuted row-wise and weight the classes' CAMs.
+        hook, moex_prob, moex_lam: Deprecated spelling of ``moex=MoExMixing(hook,
+            prob=moex_prob, lam=moex_lam)``, with the old defaults ``moex_prob=0.25`` and
+            ``moex_lam=0.9`` (not ``MoExMixing``'s 0.5); a ``DeprecationWarning`` says so, and
+            giving them together with ``moex`` is a ValueError.
 
-    The result dict holds 'loss', 'output', 'snapmix' and 'moex' (whether each was applied),
-    and when either was, 'perm' (sample i's partner and moment donor is perm[i]); with SnapMix
-    also 'weights' (w_a, w_b) and 'boxes' (box_a, box_b).
+    Raises:
+        ValueError: An argument is out of range, the model's head gives no class activation
+            maps, or ``moex`` is given both ways.
+        TypeError: ``moex`` or ``hook`` is of the wrong type.
     """
 
     def __init__(
@@ -339,9 +366,7 @@ class SnapMixTask(ClassificationTask):
             model: nn.Module,
             alpha: float = 5.0,
             prob: float = 1.0,
-            hook: Optional[MoExHook] = None,
-            moex_prob: float = 0.25,
-            moex_lam: float = 0.9,
+            moex: Optional[MoExMixing] = None,
             same_label: str = 'add',
             cam_relu: bool = True,
             criterion: Optional[Union[nn.Module, Callable]] = None,
@@ -349,34 +374,36 @@ class SnapMixTask(ClassificationTask):
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
+            *,
+            hook: Optional[MoExHook] = None,
+            moex_prob: Optional[float] = None,
+            moex_lam: Optional[float] = None,
     ):
-        alpha = _check_beta_alpha(alpha, paper_value=5)
-        prob = _check_unit_interval('prob', prob)
-        moex_prob = _check_unit_interval('moex_prob', moex_prob)
-        moex_lam = _check_unit_interval('moex_lam', moex_lam)
-        if hook is not None and not isinstance(hook, MoExHook):
-            raise TypeError(f'hook must be a timm_moex MoExHook (see get_moex_hook) or None; got {type(hook).__name__}')
-        if same_label not in SAME_LABEL_MODES:
-            raise ValueError(f'same_label must be one of {SAME_LABEL_MODES}; got {same_label!r}')
+        alpha = check_beta_alpha(alpha, paper_value=5)
+        prob = check_unit_interval('prob', prob)
+        moex = resolve_moex_argument(type(self).__name__, moex, hook, moex_prob, moex_lam, legacy_lam=0.9)
+        check_choice('same_label', same_label, SAME_LABEL_MODES)
         cam_classifier(model)
         super().__init__(model, criterion=criterion, criterion_kwargs=criterion_kwargs,
                          device=device, dtype=dtype, verbose=verbose)
         self.alpha = float(alpha)
         self.prob = prob
-        self.hook = hook
-        self.moex_prob = moex_prob
-        self.moex_lam = moex_lam
+        self.moex = moex
         self.same_label = same_label
         self.cam_relu = bool(cam_relu)
-        self.moex_loss = MoExLoss(self.criterion)
         if self.verbose:
-            moex = f', {hook}, moex_prob={moex_prob}, moex_lam={moex_lam}' if hook is not None else ''
-            _logger.info(f'{type(self).__name__}: alpha={self.alpha}, prob={self.prob}{moex}')
+            with_moex = f', {moex}' if moex is not None else ''
+            _logger.info(f'{type(self).__name__}: alpha={self.alpha}, prob={self.prob}{with_moex}')
+
+    @property
+    def hook(self) -> Optional[MoExHook]:
+        """The model's MoEx hook, or None without MoEx."""
+        return self.moex.hook if self.moex is not None else None
 
     @torch.no_grad()
     def class_activation_maps(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Normalized CAMs (B, H, W) of ``input`` at its resolution, from a no-grad features pass."""
-        model = _unwrap(self.trainable_module)
+        model = unwrap_model(self.trainable_module)
         fc = cam_classifier(model)
         # Batch statistics as in the training forward, but the running statistics are left to
         # it: a BN layer in training mode that does not track them neither reads nor updates them.
@@ -396,7 +423,7 @@ class SnapMixTask(ClassificationTask):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
         training = self.get_trainable_module().training
         snapmix = training and coin(self.prob)
-        moex = training and self.hook is not None and coin(self.moex_prob)
+        moex = self.moex is not None and self.moex.fires(training)
         if not (snapmix or moex):
             output = self.trainable_module(input)
             return {'loss': self.criterion(output, target), 'output': output, 'snapmix': False, 'moex': False}
@@ -413,17 +440,18 @@ class SnapMixTask(ClassificationTask):
             input = snapmix_paste(input, perm, box_a, box_b)
             result.update(weights=(w_a, w_b), boxes=(box_a, box_b))
         if moex:
-            self.hook.arm(perm)
+            self.moex.arm(perm)
         output = self.trainable_module(input)
 
         if not snapmix:
-            loss = self.moex_loss(output, target, perm, self.moex_lam)
+            loss = self.moex.loss(self.criterion, output, target, perm)
         else:
-            c1, c2, c3 = snapmix_moex_weights(w_a, w_b, perm, self.moex_lam if moex else 1.0)
+            moex_lam = self.moex.lam if moex else 1.0
+            c1, c2, c3 = snapmix_moex_weights(w_a, w_b, perm, moex_lam)
             target_b = target[perm]
             per_sample = c1 * per_sample_loss(self.criterion, output, target)
             per_sample = per_sample + c2 * per_sample_loss(self.criterion, output, target_b)
-            if moex and self.moex_lam < 1.0:
+            if moex_lam < 1.0:
                 per_sample = per_sample + c3 * per_sample_loss(self.criterion, output, target_b[perm])
             loss = per_sample.mean()
         result.update(loss=loss, output=output)

@@ -81,7 +81,17 @@ def _pop_moex_kwargs(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def register_moex_variant(base: str) -> str:
-    """Register ``<base>_moex`` in timm's registry; returns the new name."""
+    """Register ``<base>_moex`` in timm's registry, with the base model's pretrained configs.
+
+    Args:
+        base: A model name timm knows.
+
+    Returns:
+        The new name, ``<base>_moex``.
+
+    Raises:
+        ValueError: timm does not know ``base``.
+    """
     if not is_model(base):
         raise ValueError(f'Cannot register a MoEx variant of {base!r}: timm does not know that model')
     variant = f'{base}_moex'
@@ -103,7 +113,14 @@ def register_moex_variant(base: str) -> str:
 
 
 def is_moex_variant(model_name: str) -> bool:
-    """Whether ``model_name`` (tags allowed) is a registered ``<base>_moex`` variant."""
+    """Whether ``model_name`` is a registered ``<base>_moex`` variant.
+
+    Args:
+        model_name: A model name; tags (``.a1_in1k``) allowed.
+
+    Returns:
+        True for a registered variant.
+    """
     return split_model_name_tag(model_name)[0] in _variant_base
 
 
@@ -115,6 +132,12 @@ def create_model(model_name: str, moex: Optional[Dict[str, Any]] = None, **kwarg
         moex: Arguments of ``timm_moex.attach_moex`` (norm, layer, eps, detach, channel_dim);
             None for the defaults (PONO at the stem).
         **kwargs: Passed to ``timm.create_model``.
+
+    Returns:
+        The model, with its hook attached (see ``timm_moex.get_moex_hook``).
+
+    Raises:
+        TypeError: ``moex`` holds an unknown argument.
     """
     moex = dict(moex or {})
     unknown = sorted(set(moex) - set(_MOEX_KWARGS))

@@ -11,24 +11,21 @@ Learning", 2018) with the linear-decay rule used with PyramidNet.
 CIFAR models: 3x3 stem, 3 stages, 32x32 input, CIFAR-100 defaults.
 ImageNet models: 7x7 stride-2 stem + max-pool, 4 stages of bottleneck blocks.
 """
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerType, create_classifier, get_act_layer, get_norm_layer, register_notrace_module
-from timm.layers.helpers import get_device_dtype
+from timm.layers import LayerType, get_act_layer, get_norm_layer, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+
+from .stage_net import StageNet
 
 __all__ = ['PyramidNet', 'PyramidBasicBlock', 'PyramidBottleneck', 'ShakeDrop', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-
-_MAX_STAGES = 4
 
 
 class _ShakeDropFunction(torch.autograd.Function):
@@ -191,7 +188,7 @@ def pyramid_widths(layers: Tuple[int, ...], alpha: float, stem_width: int) -> Li
     return widths
 
 
-class PyramidNet(nn.Module):
+class PyramidNet(StageNet):
     """PyramidNet with a CIFAR (3x3 conv + BN) or ImageNet (7x7/2 conv + BN + ReLU + max-pool) stem.
 
     Top-level children run in registration order: stem (``conv1``, ``bn1``, ``act1``,
@@ -232,20 +229,13 @@ class PyramidNet(nn.Module):
             act_layer: Activation layer.
             norm_layer: Normalization layer.
         """
-        super().__init__()
         if stem_type not in ('cifar', 'imagenet'):
             raise ValueError(f"stem_type must be 'cifar' or 'imagenet', got {stem_type!r}")
-        if not 1 <= len(layers) <= _MAX_STAGES:
-            raise ValueError(f'PyramidNet has 1 to {_MAX_STAGES} stages, got layers={tuple(layers)}')
+        super().__init__(layers, num_classes, in_chans, drop_rate)
         dd = {'device': device, 'dtype': dtype}
         act_layer = get_act_layer(act_layer)
         norm_layer = get_norm_layer(norm_layer)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
         self.stem_type = stem_type
-        self.num_stages = len(layers)
 
         # Stem
         if stem_width is None:
@@ -287,46 +277,14 @@ class PyramidNet(nn.Module):
                     **dd,
                 ))
                 in_chs = planes * block_cls.expansion
-            stage_name = f'layer{stage_idx + 1}'
-            self.add_module(stage_name, nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=stage_name))
+            self.add_stage(blocks, in_chs, reduction)
 
         # Head (blocks end without an activation, so the head normalizes and activates first)
-        self.num_features = in_chs
         self.bn_final = norm_layer(in_chs, **dd)
         self.act_final = act_layer(inplace=True)
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.create_head(in_chs, num_classes, global_pool, dd)
 
         self.init_weights()
-
-    @torch.jit.ignore
-    def init_weights(self) -> None:
-        """He-normal (fan_out) convolutions, unit BN, zero classifier bias."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def _stages(self) -> List[nn.Sequential]:
-        return [getattr(self, f'layer{i + 1}') for i in range(self.num_stages)]
-
-    def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self._stages(), x, flatten=True)
-        # named one by one (no getattr loop) so that TorchScript can compile it
-        x = self.layer1(x)
-        if hasattr(self, 'layer2'):
-            x = self.layer2(x)
-        if hasattr(self, 'layer3'):
-            x = self.layer3(x)
-        if hasattr(self, 'layer4'):
-            x = self.layer4(x)
-        return x
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -337,117 +295,14 @@ class PyramidNet(nn.Module):
             blocks=[(r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)', None), (r'^bn_final', (99999,))],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Checkpoint every residual block in training forward passes."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return 'fc' if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier (``num_classes=0`` for pre-logits); keeps the pooling when ``global_pool`` is None."""
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
-
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        return self.act1(self.bn1(self.conv1(x)))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem, stages and the final BN-ReLU: the unpooled features (``num_features`` channels)."""
-        x = self._forward_stages(self.forward_stem(x))
+    def stem_pool(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(x)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.act_final(self.bn_final(x))
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward features that also returns the maps of ``feature_info`` (stem, then each stage).
-
-        Args:
-            x: Input image tensor.
-            indices: Take the last n maps if int, all if None, the listed indices if a sequence.
-            norm: Apply the final BN-ReLU to the last stage's map when it is taken.
-            stop_early: Stop after the last map taken.
-            output_fmt: Shape of the intermediate maps; only ``'NCHW'``.
-            intermediates_only: Return only the intermediate maps.
-
-        Returns:
-            The final features and the list of maps, or only the list of maps.
-        """
-        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        last_idx = self.num_stages
-
-        x = self.act1(self.bn1(self.conv1(x)))
-        if 0 in take_indices:
-            intermediates.append(x)
-        x = self.maxpool(x)
-
-        stages = self._stages()
-        if stop_early:
-            stages = stages[:max_index]
-        for feat_idx, stage in enumerate(stages, start=1):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(self.act_final(self.bn_final(x)) if norm and feat_idx == last_idx else x)
-
-        if intermediates_only:
-            return intermediates
-        if len(stages) == last_idx:
-            x = self.act_final(self.bn_final(x))
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Remove the stages (and the head) that the maps at ``indices`` do not need.
-
-        Args:
-            indices: Indices of the maps to keep, as in ``forward_intermediates``.
-            prune_norm: Remove the final BN-ReLU too.
-            prune_head: Remove the classifier.
-
-        Returns:
-            The absolute indices kept.
-        """
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        for i in range(max_index, self.num_stages):
-            setattr(self, f'layer{i + 1}', nn.Sequential())  # empty Sequential: checkpoint_seq can still iterate it
-        if prune_norm or max_index < self.num_stages:
-            self.bn_final = nn.Identity()
-            self.act_final = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_pyramidnet(variant: str, pretrained: bool = False, **kwargs) -> PyramidNet:

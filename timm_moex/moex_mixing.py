@@ -1,0 +1,184 @@
+"""How a training task moment-exchanges a batch: the coin, the pairing, arming the hook and the loss."""
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from .checks import check_choice, check_unit_interval
+from .hooks import MoExHook
+from .losses import interpolated_loss
+
+__all__ = ['MoExMixing', 'PAIRINGS', 'coin', 'draw_pairing', 'resolve_moex_argument']
+
+PAIRINGS = ('random', 'flip')
+"""Who gives sample i its moments: a random permutation, or sample B-1-i."""
+
+
+def coin(prob: float) -> bool:
+    """A coin toss on the CPU generator: no device sync, reproducible under ``torch.manual_seed``.
+
+    Args:
+        prob: Probability of True; at 0 and at 1 nothing is drawn.
+
+    Returns:
+        True with probability ``prob``.
+    """
+    return prob == 1.0 or (prob > 0.0 and torch.rand(()).item() < prob)
+
+
+def draw_pairing(pairing: str, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Sample i's partner, ``perm[i]``.
+
+    Args:
+        pairing: 'random' (a random permutation) or 'flip' (B-1-i, drawing nothing).
+        batch_size: B.
+        device: Where the permutation lives.
+
+    Returns:
+        ``perm``, an int64 tensor of shape (B,).
+    """
+    if pairing == 'flip':
+        return torch.arange(batch_size - 1, -1, -1, device=device)
+    return torch.randperm(batch_size, device=device)
+
+
+class MoExMixing:
+    """MoEx in a training task: when a batch is moment-exchanged, along which pairing, and its loss.
+
+    Defaults are the paper's CIFAR recipe (prob 0.25, lam 0.5, random pairing); its ImageNet
+    recipe is prob 1.0, lam 0.9. Per training batch a task calls :meth:`draw_perm` (or
+    :meth:`fires` when it pairs the samples itself), then :meth:`arm` before the forward and
+    :meth:`loss` after it.
+
+    Args:
+        hook: The model's MoEx hook (``get_moex_hook(model)``, ``attach_moex(model)``).
+        prob: Probability that a training batch is moment-exchanged (decided per batch and process).
+        lam: Weight of the sample's own target; ``1 - lam`` goes to its moment donor's.
+        pairing: Who gives sample i its moments: 'random' (a random permutation, the paper's
+            choice) or 'flip' (sample B-1-i, the pairing of ``timm.data.Mixup``: Mixup/CutMix and
+            MoEx then share one pairing, and with Mixup's soft targets the loss is exactly the
+            three-term CutMix + MoEx loss of the paper's code; shuffled batches keep it random).
+
+    Raises:
+        TypeError: ``hook`` is not a ``MoExHook``.
+        ValueError: ``prob`` or ``lam`` is outside [0, 1], or ``pairing`` is unknown.
+    """
+
+    def __init__(self, hook: MoExHook, prob: float = 0.25, lam: float = 0.5, pairing: str = 'random'):
+        prob = check_unit_interval('prob', prob)
+        lam = check_unit_interval('lam', lam)
+        check_choice('pairing', pairing, PAIRINGS)
+        if not isinstance(hook, MoExHook):
+            raise TypeError(f'hook must be a timm_moex MoExHook (see get_moex_hook); got {type(hook).__name__}')
+        self.hook = hook
+        self.prob = prob
+        self.lam = lam
+        self.pairing = pairing
+
+    def __repr__(self) -> str:
+        return f'MoExMixing({self.hook}, prob={self.prob}, lam={self.lam}, pairing={self.pairing!r})'
+
+    def fires(self, training: bool) -> bool:
+        """Whether this batch is moment-exchanged.
+
+        Args:
+            training: Whether the model is in training mode; outside it nothing is drawn.
+
+        Returns:
+            True with probability ``prob`` in training mode (a :func:`coin`), else False.
+        """
+        return training and coin(self.prob)
+
+    def draw_perm(self, batch_size: int, device: torch.device, training: bool) -> Optional[torch.Tensor]:
+        """The moment donors of a batch, when it is moment-exchanged.
+
+        Args:
+            batch_size: B.
+            device: Where the permutation lives.
+            training: Whether the model is in training mode.
+
+        Returns:
+            ``perm`` (sample i takes the moments of sample ``perm[i]``) drawn with ``pairing``
+            when :meth:`fires`, else None.
+        """
+        if not self.fires(training):
+            return None
+        return draw_pairing(self.pairing, batch_size, device)
+
+    def arm(self, perm: torch.Tensor) -> None:
+        """Exchange moments along ``perm`` in the model's next forward.
+
+        Args:
+            perm: Sample i takes the moments of sample ``perm[i]``.
+        """
+        self.hook.arm(perm)
+
+    def loss(self, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], output: torch.Tensor,
+             target: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """The MoEx loss of a moment-exchanged batch (see ``MoExLoss``).
+
+        Args:
+            criterion: The loss of a batch of outputs against a batch of targets.
+            output: The outputs of the forward that :meth:`arm` armed.
+            target: Class indices or soft targets.
+            perm: The permutation the hook was armed with.
+
+        Returns:
+            ``lam * criterion(output, target) + (1 - lam) * criterion(output, target[perm])``.
+        """
+        return interpolated_loss(criterion, output, target, perm, self.lam)
+
+
+def resolve_moex_argument(
+        task: str,
+        moex: Optional[MoExMixing],
+        hook: Optional[MoExHook] = None,
+        moex_prob: Optional[float] = None,
+        moex_lam: Optional[float] = None,
+        legacy_lam: float = 0.5,
+        pairing: str = 'random',
+) -> Optional[MoExMixing]:
+    """A mixing task's ``moex=`` argument, or the one its deprecated ``hook=``, ``moex_prob=``, ``moex_lam=`` spell.
+
+    The task draws one pairing for its own mixing and MoEx shares it. The deprecated
+    arguments keep their old meaning: no MoEx without ``hook``, ``moex_prob`` 0.25 and
+    ``moex_lam`` ``legacy_lam`` when not given; they are checked even without ``hook``, and
+    using any of them warns.
+
+    Args:
+        task: The task's class name, for the messages.
+        moex: The ``moex=`` argument.
+        hook, moex_prob, moex_lam: The deprecated arguments; None where not given.
+        legacy_lam: The task's old default of ``moex_lam``.
+        pairing: The task's pairing; ``moex.pairing`` must be the same.
+
+    Returns:
+        The task's MoEx, or None for no MoEx.
+
+    Raises:
+        ValueError: ``moex`` is given together with a deprecated argument, a deprecated
+            argument is out of range, or ``moex.pairing`` is not ``pairing``.
+        TypeError: ``moex`` is not a :class:`MoExMixing`, or ``hook`` not a ``MoExHook``.
+    """
+    legacy = [name for name, value in (('hook', hook), ('moex_prob', moex_prob), ('moex_lam', moex_lam))
+              if value is not None]
+    if not legacy:
+        if moex is not None and not isinstance(moex, MoExMixing):
+            raise TypeError(f'moex must be a timm_moex MoExMixing or None; got {type(moex).__name__}')
+        if moex is not None and moex.pairing != pairing:
+            raise ValueError(f'{task} pairs the samples {pairing!r} for its mixing and MoEx alike; got '
+                             f'moex=MoExMixing(..., pairing={moex.pairing!r}): make it {pairing!r}')
+        return moex
+    if moex is not None:
+        raise ValueError(f'{task} got moex= and {", ".join(n + "=" for n in legacy)}; pass moex= alone '
+                         '(hook=, moex_prob= and moex_lam= are its deprecated spelling)')
+    prob = check_unit_interval('moex_prob', 0.25 if moex_prob is None else moex_prob)
+    lam = check_unit_interval('moex_lam', legacy_lam if moex_lam is None else moex_lam)
+    pairing_arg = f', pairing={pairing!r}' if pairing != 'random' else ''
+    replacement = 'moex=None (the default)'
+    if hook is not None:
+        replacement = f'moex=MoExMixing(hook, prob={prob:g}, lam={lam:g}{pairing_arg})'
+    # stacklevel 3: the line that built the task
+    warnings.warn(f'{task}: hook=, moex_prob= and moex_lam= are deprecated and will be removed in the next '
+                  f'release; pass {replacement} instead (timm_moex.MoExMixing)', DeprecationWarning, stacklevel=3)
+    return MoExMixing(hook, prob=prob, lam=lam, pairing=pairing) if hook is not None else None
