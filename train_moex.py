@@ -42,15 +42,13 @@ import timm_moex  # noqa: F401  (registers the package's models with timm)
 from timm_moex import AutoMix, AutoMixTask, BiTemperedLogisticLoss, MoExClassificationTask, SnapMixTask, \
     attach_moex, get_moex_hook
 from timm_moex.automix import parse_feature_layer
-from timm_moex.checkpoint import CheckpointManager, RunLock, TrainState, append_resume_record, export_weights, \
+from timm_moex.train import ConfigError, Diverged, Interrupted, ResumeMismatch, RunError, RunFolderBusy, UserError, \
+    atomic_write_text, config_help, load_config, read_run_config, resolve_output_dir, resume_differences, save_config
+from timm_moex.train.checkpoint import CheckpointManager, RunLock, TrainState, append_resume_record, export_weights, \
     find_latest_checkpoint, load_initial_weights, load_weights, read_resume_records, truncate_summary
-from timm_moex.config import CheckpointError, ConfigError, DataError, Diverged, Interrupted, ResumeMismatch, \
-    RunError, RunFolderBusy, UserError, atomic_write_text, config_help, load_config, read_run_config, \
-    resolve_output_dir, resume_differences, save_config
-from timm_moex.data import resolve_data_defaults
-from timm_moex.data import create_datasets, create_loaders, create_mixup
-from timm_moex.metrics import evaluate
-from timm_moex.model_folder import push_model_folder, write_model_folder
+from timm_moex.train.data import create_datasets, create_loaders, create_mixup, resolve_data_defaults
+from timm_moex.train.metrics import evaluate
+from timm_moex.train.model_folder import push_model_folder, write_model_folder
 
 
 def create_model(cfg, num_classes):
@@ -252,7 +250,7 @@ def main(argv=None):
     with eval_only).
 
     Raises:
-        UserError: the subclasses of timm_moex.config for what the user can fix (ConfigError, RunFolderBusy,
+        UserError: the subclasses in timm_moex.train.errors for what the user can fix (ConfigError, RunFolderBusy,
             ResumeMismatch, CheckpointError, DataError, Diverged, Interrupted); :func:`cli` prints them as one line.
     """
     # ---- configuration (validated once; raises ConfigError before anything is written) ----
@@ -432,7 +430,7 @@ def push_run(out, repo_id):
     except Exception as e:  # noqa: BLE001  network, authentication and Hub errors alike
         reason = (str(e).strip().splitlines() or [''])[0][:200]
         raise RunError(f'push_to_hub: the upload failed ({type(e).__name__}: {reason})', repo_id,
-                       f'the run folder {out} is complete; retry with python -m timm_moex.model_folder {out} {repo_id}'
+                       f'the run folder {out} is complete; retry with python -m timm_moex.train.model_folder {out} {repo_id}'
                        ) from None
     print(f'pushed {out} to {getattr(info, "commit_url", repo_id)}')
 

@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from timm_moex.config import atomic_write_text
+from timm_moex.train import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 _CUTMIX = ['--cutmix', '1.0', '--mixup-prob', '0.5']  # the CutMix paper's CIFAR values: beta 1, prob 0.5

@@ -1,6 +1,5 @@
 """Fixtures of the training-script tests: a tiny generated ImageFolder and a run helper."""
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -15,8 +14,6 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # train_moex.py lives at the project root
 
 
 def make_image_folder(root: Path, classes=('a', 'b'), train_per_class=16, test_per_class=9, size=32, seed=0):

@@ -16,7 +16,7 @@ from timm_moex import MoExMixing, attach_moex, get_moex_hook
 from timm_moex.automix import (
     AutoMix, AutoMixTask, MixBlock, cosine_ramp, mask_area_loss, mix_images, parse_feature_layer,
     resolve_feature_layer)
-from timm_moex.config import load_config
+from timm_moex.train import load_config
 
 NUM_CLASSES = 5
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pytest
 import timm
 import yaml
 
-from timm_moex.config import ConfigError, TrainConfig, load_config, save_config, \
+from timm_moex.train import ConfigError, TrainConfig, load_config, save_config, \
     validate_config
 
 from conftest import ROOT

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision import transforms
 
-from timm_moex.device_data import DeviceImageDataset, augment_batch, batch_collate, stack_images
+from timm_moex.train.device_data import DeviceImageDataset, augment_batch, batch_collate, stack_images
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -113,8 +113,8 @@ def test_stack_images_resizes_and_names_a_broken_file(tmp_path):
 
 @pytest.mark.parametrize('loader', ['workers', 'device'])
 def test_train_limit_takes_a_fixed_subset(loader, image_folder):
-    from timm_moex.config import load_config
-    from timm_moex.data import create_datasets
+    from timm_moex.train import load_config
+    from timm_moex.train.data import create_datasets
     cfg = load_config(['--dataset', 'imagefolder', '--data-dir', str(image_folder), '--img-size', '32',
                        '--loader', loader, '--train-limit', '10', '--eval-limit', '5'], check_paths=False)
     train_set, eval_set, n = create_datasets(cfg, torch.device('cpu'))
@@ -127,7 +127,7 @@ def test_train_limit_takes_a_fixed_subset(loader, image_folder):
 
 def test_label_noise_changes_the_asked_fraction_to_other_classes(image_folder):
     from torchvision import datasets
-    from timm_moex.data import add_label_noise
+    from timm_moex.train.data import add_label_noise
     clean = datasets.ImageFolder(str(image_folder / 'train'))
     noisy = datasets.ImageFolder(str(image_folder / 'train'))
     changed = add_label_noise(noisy, 0.25, num_classes=2)
@@ -141,8 +141,8 @@ def test_label_noise_changes_the_asked_fraction_to_other_classes(image_folder):
 
 
 def test_label_noise_reaches_training(image_folder):
-    from timm_moex.config import load_config
-    from timm_moex.data import create_datasets
+    from timm_moex.train import load_config
+    from timm_moex.train.data import create_datasets
     base = ['--dataset', 'imagefolder', '--data-dir', str(image_folder), '--img-size', '32', '--loader', 'device']
     clean, clean_eval, _ = create_datasets(load_config(base, check_paths=False), torch.device('cpu'))
     noisy, evaluation, _ = create_datasets(load_config([*base, '--label-noise', '0.5'], check_paths=False),
@@ -153,7 +153,7 @@ def test_label_noise_reaches_training(image_folder):
 
 def test_label_noise_is_independent_of_the_train_subset():
     """train_limit's subset and the noisy samples are separate draws: the subset holds about rate noisy labels."""
-    from timm_moex.data import _limit, add_label_noise
+    from timm_moex.train.data import _limit, add_label_noise
 
     class Labels(torch.utils.data.Dataset):
         classes = [str(i) for i in range(10)]

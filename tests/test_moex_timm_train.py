@@ -1,4 +1,4 @@
-"""timm's own train.py, unmodified, trains with MoEx through timm_moex.timm_train."""
+"""timm's own train.py, unmodified, trains with MoEx through timm_moex.train.timm_train."""
 import csv
 import json
 from pathlib import Path
@@ -10,10 +10,10 @@ import yaml
 from timm.loss import SoftTargetCrossEntropy
 
 from conftest import ROOT
-from timm_moex.checkpoint import load_weights
-from timm_moex.config import ConfigError
+from timm_moex.train.checkpoint import load_weights
+from timm_moex.train import ConfigError
 from timm_moex import get_moex_hook
-from timm_moex.timm_train import cli, hook_running_model, load_timm_train, main
+from timm_moex.train.timm_train import cli, hook_running_model, load_timm_train, main
 
 TIMM_TRAIN = ROOT.parent / 'shared' / 'timm' / 'train.py'
 needs_train_py = pytest.mark.skipif(not TIMM_TRAIN.is_file(),

@@ -19,10 +19,10 @@ import yaml
 from safetensors.torch import load_file
 
 import train_moex
-from timm_moex.checkpoint import LOCK_FILE, RESUME_RECORD, RunLock
-from timm_moex.config import CheckpointError, ConfigError, DataError, Diverged, ResumeMismatch, RunFolderBusy, \
+from timm_moex.train.checkpoint import LOCK_FILE, RESUME_RECORD, RunLock
+from timm_moex.train import CheckpointError, ConfigError, DataError, Diverged, ResumeMismatch, RunFolderBusy, \
     load_config
-from timm_moex.metrics import ClassificationMeter
+from timm_moex.train.metrics import ClassificationMeter
 
 from conftest import ROOT, make_image_folder
 from test_train import read_summary
@@ -55,7 +55,7 @@ def snapshot(folder):
 
 # ---- one owner per run folder ----
 
-HOLD = 'import sys, time; from timm_moex.checkpoint import RunLock; RunLock(sys.argv[1]); print("locked", flush=True); ' \
+HOLD = 'import sys, time; from timm_moex.train.checkpoint import RunLock; RunLock(sys.argv[1]); print("locked", flush=True); ' \
        'time.sleep(300)'
 
 

@@ -15,7 +15,7 @@ from timm.data import Mixup
 
 import train_moex
 from timm_moex import MoExClassificationTask, attach_moex
-from timm_moex.config import ConfigError
+from timm_moex.train import ConfigError
 
 from conftest import ROOT, make_image_folder
 
@@ -215,7 +215,7 @@ def test_automix_resume_restores_the_mix_block_and_momentum_encoder(run_args, tm
 
 
 def test_automix_config_errors():
-    from timm_moex.config import load_config
+    from timm_moex.train import load_config
     with pytest.raises(ConfigError, match='mix: AutoMix does its own mixing'):
         load_config(['--mix', 'automix', '--mixup', '0.2'], check_paths=False)
     with pytest.raises(ConfigError, match=r"automix_feature_layer: .*no module 'stage9'"):
@@ -239,7 +239,7 @@ def test_new_run_refuses_a_used_output_dir(run_args, tmp_path):
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(run_args, tmp_path, monkeypatch):
     out = tmp_path / 'crash'
-    from timm_moex import checkpoint
+    from timm_moex.train import checkpoint
     real_save = checkpoint.save_file
 
     def failing_save(state, path, *a, **kw):
@@ -342,7 +342,7 @@ def test_two_process_ddp_writes_one_set_of_outputs(extra, image_folder, tmp_path
 # ---- parts of the script ----
 
 def test_digits_split_is_fixed_and_real():
-    from timm_moex.data import DigitsDataset
+    from timm_moex.train.data import DigitsDataset
     train, test = DigitsDataset(True), DigitsDataset(False)
     assert (len(train), len(test)) == (1437, 360)
     img, label = train[0]
@@ -351,8 +351,8 @@ def test_digits_split_is_fixed_and_real():
 
 
 def test_cifar_recipe_transforms(tmp_path):
-    from timm_moex.config import load_config
-    from timm_moex.data import Cutout, create_transforms
+    from timm_moex.train import load_config
+    from timm_moex.train.data import Cutout, create_transforms
     cfg = load_config(['--dataset', 'digits', '--auto-augment', 'cifar10', '--cutout', '8', '--reprob', '0.5'],
                       check_paths=False)
     train_tf, eval_tf = create_transforms(cfg)
@@ -370,8 +370,8 @@ def test_cifar_recipe_transforms(tmp_path):
 
 
 def test_imagenet_recipe_uses_timm_create_transform():
-    from timm_moex.config import load_config
-    from timm_moex.data import create_transforms
+    from timm_moex.train import load_config
+    from timm_moex.train.data import create_transforms
     cfg = load_config(['--dataset', 'imagefolder', '--img-size', '64', '--aug-recipe', 'imagenet',
                        '--auto-augment', 'rand-m9-mstd0.5', '--reprob', '0.25'], check_paths=False)
     train_tf, eval_tf = create_transforms(cfg)
@@ -382,7 +382,7 @@ def test_imagenet_recipe_uses_timm_create_transform():
 
 
 def test_metrics_by_hand():
-    from timm_moex.metrics import ClassificationMeter
+    from timm_moex.train.metrics import ClassificationMeter
     logits = torch.tensor([[4.0, 1.0, 0.5, 0.4, 0.3, 0.2],    # top-1 hit
                            [0.9, 3.0, 0.5, 0.4, 0.3, 0.2],    # rank 2: top-5 hit
                            [0.1, 0.2, 0.3, 0.4, 0.6, 5.0],    # rank 4: top-5 hit
@@ -404,7 +404,7 @@ def test_metrics_by_hand():
 
 
 def test_metrics_accumulate_on_the_device_across_batches():
-    from timm_moex.metrics import ClassificationMeter
+    from timm_moex.train.metrics import ClassificationMeter
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     gen = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(203, 10, generator=gen)).to(device)
@@ -433,7 +433,7 @@ def test_metrics_accumulate_on_the_device_across_batches():
 
 def test_sync_bn_keeps_the_moex_hook():
     from timm_moex import get_moex_hook
-    from timm_moex.config import load_config
+    from timm_moex.train import load_config
     cfg = load_config(['--model', 'resnet10t', '--moex', '--sync-bn', '--moex-layer', 'bn1'], check_paths=False)
     model = train_moex.create_model(cfg, num_classes=3)
     assert isinstance(model.bn1, torch.nn.SyncBatchNorm)
@@ -453,7 +453,7 @@ def test_sync_bn_keeps_the_moex_hook():
 @pytest.mark.parametrize('model_name, extra', [('resnet10t', ['--moex']), ('resnet18_moex', [])])
 def test_moex_impl_reaches_the_hook(model_name, extra):
     from timm_moex import get_moex_hook
-    from timm_moex.config import load_config
+    from timm_moex.train import load_config
     for impl in ('torch', 'auto'):
         cfg = load_config(['--model', model_name, '--moex-impl', impl] + extra, check_paths=False)
         assert get_moex_hook(train_moex.create_model(cfg, num_classes=3)).impl == impl
@@ -466,8 +466,8 @@ CIFAR10_JPEG = Path(os.environ.get('TIMM_MOEX_CIFAR10_JPEG', ROOT / 'data' / 'ci
                     reason=f'the CIFAR-10 JPEG folder is absent ({CIFAR10_JPEG}; set TIMM_MOEX_CIFAR10_JPEG to an '
                            'unpacked copy of cifar10_jpeg.tar.gz)')
 def test_real_cifar10_jpeg_folder_loads():
-    from timm_moex.config import load_config
-    from timm_moex.data import create_datasets
+    from timm_moex.train import load_config
+    from timm_moex.train.data import create_datasets
     cfg = load_config(['--config', str(ROOT / 'hparams' / 'cifar10_resnet18_cifar_moex.yaml'), '--model', 'resnet18',
                        '--dataset', 'imagefolder', '--data-dir', str(CIFAR10_JPEG), '--cutout', '16'],
                       check_paths=False)
@@ -488,8 +488,8 @@ def test_imagenet_layout_through_timm_create_dataset(tmp_path):
                                '--epochs', '1', '--batch-size', '8', '--workers', '0', '--moex',
                                '--output-dir', str(out), '--progress', 'false'])
     assert results['last']['count'] == 6
-    from timm_moex.data import FileListDataset, create_datasets
-    from timm_moex.config import load_config
+    from timm_moex.train.data import FileListDataset, create_datasets
+    from timm_moex.train import load_config
     train_set, eval_set, n = create_datasets(load_config(['--dataset', 'imagenet', '--data-dir', str(data)],
                                                          check_paths=False))
     assert isinstance(train_set, FileListDataset) and (len(train_set), len(eval_set), n) == (16, 6, 2)
@@ -545,7 +545,7 @@ def test_bi_tempered_loss_and_snapmix_from_the_config(extra, run_args, tmp_path)
 
 
 def test_snapmix_refuses_mixing_and_token_models():
-    from timm_moex.config import load_config
+    from timm_moex.train import load_config
     with pytest.raises(ConfigError, match='snapmix: SnapMix does its own mixing'):
         load_config(['--snapmix', '--cutmix', '1.0'], check_paths=False)
     with pytest.raises(ConfigError, match='snapmix: '):

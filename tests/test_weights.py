@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 import train_moex
-from timm_moex.checkpoint import load_initial_weights, load_weights, read_weights
-from timm_moex.config import CheckpointError, ConfigError, load_config
+from timm_moex.train.checkpoint import load_initial_weights, load_weights, read_weights
+from timm_moex.train import CheckpointError, ConfigError, load_config
 
 
 def official(model, path, prefix='module.', step=True):

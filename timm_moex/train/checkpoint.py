@@ -40,7 +40,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import CheckpointError, RunError, RunFolderBusy
+from .errors import CheckpointError, RunError, RunFolderBusy
 
 __all__ = ['TrainState', 'CheckpointManager', 'RunLock', 'LOCK_FILE', 'RESUME_RECORD', 'append_resume_record',
            'read_resume_records', 'list_checkpoints', 'find_latest_checkpoint', 'export_weights',

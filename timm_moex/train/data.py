@@ -24,13 +24,19 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_dataset, create_transform
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from .config import ConfigError, DataError, TrainConfig
+from .config import TrainConfig
+from .device_data import DeviceImageDataset, batch_collate, stack_images
+from .errors import ConfigError, DataError
+from .images import load_image
 
-__all__ = ['DATASET_STATS', 'check_data_dir', 'load_image', 'DigitsDataset', 'FileListDataset', 'Cutout',
-           'resolve_data_defaults', 'create_transforms', 'resolve_loader', 'add_label_noise', 'create_datasets',
+__all__ = ['DATASET_STATS', 'check_data_dir', 'DigitsDataset', 'FileListDataset', 'Cutout',
+           'resolve_data_defaults', 'device_loader_unsupported', 'create_transforms', 'resolve_loader', 'add_label_noise', 'create_datasets',
            'create_loaders', 'create_mixup']
 
 # (mean, std) of each dataset's images.
@@ -74,15 +80,6 @@ def check_data_dir(cfg: TrainConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Datasets
-def load_image(path: str) -> Image.Image:
-    """An RGB image; a file that cannot be decoded raises an error naming it."""
-    try:
-        with Image.open(path) as img:
-            return img.convert('RGB')
-    except Exception as e:  # noqa: BLE001  PIL raises several types for broken files
-        raise RuntimeError(f'cannot read image {path!r}: {type(e).__name__}: {e}') from e
-
-
 class FileListDataset(Dataset):
     """(path, class index) samples read with :func:`load_image`."""
 
@@ -147,7 +144,6 @@ class Cutout:
 
 def resolve_data_defaults(cfg: TrainConfig) -> Tuple[int, Tuple[float, ...], Tuple[float, ...], str]:
     """(img_size, mean, std, aug_recipe) with the dataset's defaults filled in."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     img_size = cfg.img_size or (32 if cfg.dataset in _SMALL_DATASETS else 224)
     mean, std = DATASET_STATS.get(cfg.dataset, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     mean, std = tuple(cfg.mean or mean), tuple(cfg.std or std)
@@ -159,7 +155,6 @@ def _policy(name: str, mean: Sequence[float]) -> Callable:
     """torchvision's CIFAR-10 AutoAugment policy, or a timm policy string (RandAugment, AutoAugment, AugMix)."""
     if name == 'cifar10':
         return transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10)
-    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
     hparams = dict(translate_const=10, img_mean=tuple(round(255 * m) for m in mean))
     if name.startswith('rand'):
         return rand_augment_transform(name, hparams)
@@ -170,8 +165,6 @@ def _policy(name: str, mean: Sequence[float]) -> Callable:
 
 def create_transforms(cfg: TrainConfig) -> Tuple[Callable, Callable]:
     """(train transform, eval transform)."""
-    from timm.data import create_transform
-    from timm.data.random_erasing import RandomErasing
     img_size, mean, std, recipe = resolve_data_defaults(cfg)
     # The 32 px datasets are resized only to another img_size (the device loader does the same).
     resize = [] if cfg.dataset in _SMALL_DATASETS and img_size == _SMALL_SIZE else \
@@ -202,11 +195,26 @@ def create_transforms(cfg: TrainConfig) -> Tuple[Callable, Callable]:
     return transforms.Compose(train), eval_tf
 
 
+def device_loader_unsupported(cfg: TrainConfig) -> str:
+    """Why the settings need the worker loader ('' when the device loader can do them)."""
+    if cfg.dataset == 'imagenet':
+        return "does not hold ImageNet-size datasets (dataset: imagenet)"
+    img_size, _, _, recipe = resolve_data_defaults(cfg)
+    if img_size > 64:
+        return f'is for images of at most 64 px, not img_size={img_size}'
+    if recipe not in ('cifar', 'none'):
+        return f'does the cifar recipe only, not aug_recipe={recipe!r}'
+    if cfg.auto_augment:
+        return f'has no AutoAugment / RandAugment (auto_augment={cfg.auto_augment!r})'
+    if cfg.reprob > 0:
+        return f'has no RandomErasing (reprob={cfg.reprob})'
+    return ''
+
+
 def resolve_loader(cfg: TrainConfig, device: Optional[torch.device] = None) -> str:
     """'workers' or 'device': ``loader: auto`` is 'device' on a GPU when the recipe allows it."""
     if cfg.loader != 'auto':
         return cfg.loader
-    from .config import device_loader_unsupported
     on_gpu = device is not None and torch.device(device).type == 'cuda'
     return 'device' if on_gpu and not device_loader_unsupported(cfg) else 'workers'
 
@@ -237,7 +245,6 @@ def _raw_datasets(cfg: TrainConfig):
                             'give both the same class folders')
         return train_set, eval_set, train_set.classes
     # imagenet: timm finds the layout (train/ + val/ or validation/, class folders, tar files)
-    from timm.data import create_dataset
     readers = [create_dataset('', root=cfg.data_dir, split=s).reader for s in ('train', 'validation')]
     classes = sorted(readers[0].class_to_idx, key=readers[0].class_to_idx.get)
     return FileListDataset(readers[0].samples, classes), FileListDataset(readers[1].samples, classes), classes
@@ -296,8 +303,7 @@ def _limit(dataset: Dataset, limit: int) -> Dataset:
     return _Subset(dataset, sorted(indices.tolist()))
 
 
-def _to_device_dataset(cfg: TrainConfig, raw: Dataset, train: bool, device) -> 'DeviceImageDataset':
-    from .device_data import DeviceImageDataset, stack_images
+def _to_device_dataset(cfg: TrainConfig, raw: Dataset, train: bool, device) -> DeviceImageDataset:
     img_size, mean, std, recipe = resolve_data_defaults(cfg)
     index = list(range(len(raw)))
     if isinstance(raw, _Subset):
@@ -319,7 +325,7 @@ def _to_device_dataset(cfg: TrainConfig, raw: Dataset, train: bool, device) -> '
 
 def create_datasets(cfg: TrainConfig, device: Optional[torch.device] = None) -> Tuple[Dataset, Dataset, int]:
     """(train set, eval set, number of classes); with the device loader (:func:`resolve_loader`),
-    :class:`~timm_moex.device_data.DeviceImageDataset` s on ``device``."""
+    :class:`~timm_moex.train.device_data.DeviceImageDataset` s on ``device``."""
     train_set, eval_set, classes = _raw_datasets(cfg)
     if cfg.label_noise > 0:
         add_label_noise(train_set, cfg.label_noise, len(classes))
@@ -339,9 +345,8 @@ def create_datasets(cfg: TrainConfig, device: Optional[torch.device] = None) -> 
 def create_loaders(cfg: TrainConfig, train_set: Dataset, eval_set: Dataset) -> Tuple[DataLoader, DataLoader]:
     """Per-process loaders; the train loader drops its last incomplete batch (Mixup needs even batches).
 
-    A :class:`~timm_moex.device_data.DeviceImageDataset` is read in the main process, a batch per call.
+    A :class:`~timm_moex.train.device_data.DeviceImageDataset` is read in the main process, a batch per call.
     """
-    from .device_data import DeviceImageDataset, batch_collate
     if isinstance(train_set, DeviceImageDataset):
         common = dict(num_workers=0, collate_fn=batch_collate)
     else:
@@ -365,7 +370,6 @@ def create_mixup(cfg: TrainConfig, num_classes: int):
     """
     if not cfg.mixing:
         return None
-    from timm.data import Mixup
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                  switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
                  num_classes=num_classes)

@@ -29,7 +29,8 @@ from timm.data import DEFAULT_CROP_PCT
 from timm.models._hub import generate_readme, save_config_for_hf  # timm's writers of config.json, the card
 from timm.models._registry import split_model_name_tag
 
-from .config import TrainConfig, atomic_write_text
+from .config import TrainConfig
+from .files import atomic_write_text
 from .data import resolve_data_defaults
 
 __all__ = ['run_data_config', 'write_model_folder', 'model_card', 'push_model_folder', 'HUB_FILES']
@@ -208,8 +209,8 @@ def push_model_folder(folder: os.PathLike, repo_id: str, private: bool = False,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m timm_moex.model_folder RUN_DIR OWNER/NAME [--private]``: publish a finished run folder."""
-    parser = argparse.ArgumentParser(prog='python -m timm_moex.model_folder', description=main.__doc__)
+    """``python -m timm_moex.train.model_folder RUN_DIR OWNER/NAME [--private]``: publish a finished run folder."""
+    parser = argparse.ArgumentParser(prog='python -m timm_moex.train.model_folder', description=main.__doc__)
     parser.add_argument('folder', help='a finished run folder (config.json, model.safetensors)')
     parser.add_argument('repo_id', help='the Hugging Face Hub repository, owner/name')
     parser.add_argument('--private', action='store_true', help='create the repository as private')

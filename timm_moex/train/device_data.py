@@ -20,7 +20,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
+
+from .images import load_image
 
 __all__ = ['DeviceImageDataset', 'batch_collate', 'augment_batch', 'stack_images']
 
@@ -127,10 +130,6 @@ def stack_images(images: Sequence, size: Optional[int] = None, workers: int = 0)
     """uint8 (N, 3, size, size) from PIL images, numpy arrays or file paths (decoded in threads;
     a file that cannot be read raises an error naming it). Images of another size are resized
     (shorter side) and centre-cropped to ``size``."""
-    from PIL import Image
-
-    from .data import load_image
-
     def one(item) -> np.ndarray:
         img = load_image(item) if isinstance(item, (str, os.PathLike)) else item
         if isinstance(img, np.ndarray):

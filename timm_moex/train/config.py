@@ -1,11 +1,13 @@
-"""The training configuration: one typed dataclass, loaded from YAML plus command-line overrides.
+"""The training configuration: one typed dataclass, read from YAML plus command-line overrides.
 
-``load_config(argv)`` reads ``--config FILE.yaml`` (optional), applies every ``--key value``
-override on top (the command line wins), checks every value once, and returns a
-:class:`TrainConfig`. Anything wrong raises :class:`ConfigError` naming the key, the value and
-what is accepted, before any output is written::
+:func:`parse_config` reads ``--config FILE.yaml`` (a path, or the name of a recipe shipped in
+``hparams/``), applies every ``--key value`` override on top (the command line wins) and
+type-checks each value; :func:`check_values` checks the values and their combinations. Both
+raise :class:`~timm_moex.train.errors.ConfigError` naming the key, the value and what is
+accepted. ``timm_moex.train.validate.load_config`` adds the checks against the environment::
 
     python train_moex.py --config hparams/quickstart.yaml --lr 0.05 --moex false
+    moex-train --config cifar100_pyramidnet200_moex
 
 Values on the command line are read as YAML scalars (``--decay-milestones [150,225]``,
 ``--model-kwargs '{drop_rate: 0.1}'``); a bare ``--flag`` sets a boolean key to true. Keys may
@@ -17,7 +19,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,83 +26,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from .moex import MOEX_IMPLS
+from ..bitempered import BiTemperedLogisticLoss
+from ..moex import MOEX_IMPLS
+from .errors import ConfigError
+from .files import atomic_write_text
 
-__all__ = ['TrainConfig', 'UserError', 'ConfigError', 'RunError', 'RunFolderBusy', 'ResumeMismatch',
-           'CheckpointError', 'DataError', 'Diverged', 'Interrupted', 'load_config', 'validate_config',
-           'save_config', 'config_help', 'device_loader_unsupported', 'RESUME_MAY_CHANGE', 'read_run_config',
-           'resume_differences']
-
-
-class UserError(Exception):
-    """An error the user can cause and fix: train_moex.py prints it as one line and exits with ``exit_code``.
-
-    Subclasses carry distinct exit codes so that a script driving runs can tell them apart.
-    """
-
-    exit_code = 1
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value that cannot be used; the message names the key and what is accepted."""
-
-    exit_code = 2
-
-
-class RunError(UserError):
-    """A run that cannot go on: ``<what> (<the bad value>): <what to do>``.
-
-    Args:
-        what: what is wrong, e.g. ``'checkpoint is truncated or not a safetensors file'``.
-        value: the offending value (a path, a number, a key); shown in parentheses.
-        todo: what the user can do about it.
-        exit_code: overrides the class's exit code.
-    """
-
-    exit_code = 3
-
-    def __init__(self, what: str, value: Any, todo: str, exit_code: Optional[int] = None):
-        self.what, self.value, self.todo = what, value, todo
-        if exit_code is not None:
-            self.exit_code = exit_code
-        super().__init__(f'{what} ({value}): {todo}')
-
-
-class RunFolderBusy(RunError):
-    """Another live process holds the run folder's lock."""
-
-    exit_code = 4
-
-
-class ResumeMismatch(RunError):
-    """``--resume`` with settings that contradict the run folder's config.yaml."""
-
-    exit_code = 5
-
-
-class CheckpointError(RunError):
-    """A checkpoint or weights file that is empty, truncated, foreign or of another model."""
-
-    exit_code = 6
-
-
-class DataError(RunError):
-    """A dataset that cannot be trained on as configured (classes, sizes, empty folders)."""
-
-    exit_code = 7
-
-
-class Diverged(RunError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
-
-    exit_code = 8
-
-
-class Interrupted(RunError):
-    """Ctrl-C (SIGINT) during a run; the last checkpoint is kept and ``--resume auto`` continues."""
-
-    exit_code = 130  # 128 + SIGINT, the shell's convention
-
+__all__ = ['TrainConfig', 'parse_config', 'check_values', 'save_config', 'config_help', 'recipe_names',
+           'resolve_config_file', 'RECIPE_FOLDERS', 'resolve_output_dir', 'RESUME_MAY_CHANGE', 'read_run_config', 'resume_differences']
 
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagefolder', 'imagenet')
 AUG_RECIPES = ('auto', 'cifar', 'imagenet', 'none')
@@ -375,9 +306,41 @@ def _parse_argv(argv: Sequence[str]) -> (Optional[str], Dict[str, Any]):
     return config_file, overrides
 
 
+# The recipes: hparams/ of a checkout, or its copy inside the package when installed from a wheel.
+RECIPE_FOLDERS = (Path(__file__).resolve().parents[1] / 'hparams', Path(__file__).resolve().parents[2] / 'hparams')
+
+
+def recipe_names() -> List[str]:
+    """The names of the shipped recipes (``hparams/*.yaml`` without the suffix), sorted."""
+    return sorted({p.stem for folder in RECIPE_FOLDERS if folder.is_dir() for p in folder.glob('*.yaml')})
+
+
+def resolve_config_file(config: str) -> str:
+    """The YAML file that ``--config`` names: a path, or the name of a shipped recipe.
+
+    Args:
+        config: A path (``hparams/quickstart.yaml``) or a recipe name (``quickstart``, ``quickstart.yaml``).
+
+    Returns:
+        The path of the file to read.
+
+    Raises:
+        ConfigError: Neither a file nor a recipe name.
+    """
+    if os.path.isfile(config):
+        return config
+    if os.sep not in config and '/' not in config:
+        name = config if config.endswith(('.yaml', '.yml')) else f'{config}.yaml'
+        for folder in RECIPE_FOLDERS:
+            if (folder / name).is_file():
+                return str(folder / name)
+    close = difflib.get_close_matches(Path(config).stem, recipe_names(), n=1)
+    hint = f' (did you mean the recipe {close[0]!r}?)' if close else ''
+    raise ConfigError(f'config: no such file {config!r}{hint}; give a YAML path or a recipe name: '
+                      f'{", ".join(recipe_names())}')
+
+
 def _read_yaml(path: str) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f'config: no such file {path!r}')
     with open(path) as f:
         try:
             data = yaml.safe_load(f) or {}
@@ -401,15 +364,22 @@ def config_help() -> str:
     return '\n'.join(lines)
 
 
-def load_config(argv: Optional[Sequence[str]] = None, check_paths: bool = True) -> TrainConfig:
-    """Read YAML + command line into a validated TrainConfig (the command line wins)."""
+def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """Read YAML + command line into a type-checked TrainConfig (the command line wins).
+
+    Args:
+        argv: The command line without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The configuration; :func:`check_values` has not run on it yet.
+    """
     argv = sys.argv[1:] if argv is None else argv
     config_file, overrides = _parse_argv(argv)
+    config_file = resolve_config_file(config_file) if config_file else None
     values = _read_yaml(config_file) if config_file else {}
     values.update(overrides)
     cfg = TrainConfig(**{k: _check_type(k, v, _HINTS[k]) for k, v in values.items()})
     cfg.config_file = config_file
-    validate_config(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -429,8 +399,18 @@ def _positive(cfg: TrainConfig, *keys: str, zero_ok: bool = False) -> None:
             raise ConfigError(f'{key}: must be {"non-negative" if zero_ok else "positive"}, got {v!r}')
 
 
-def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
-    """Check every value (types too, for a TrainConfig built by hand); raises ConfigError."""
+def check_values(cfg: TrainConfig) -> TrainConfig:
+    """Check every value and combination of values (types too, for a TrainConfig built by hand).
+
+    Args:
+        cfg: The configuration.
+
+    Returns:
+        ``cfg``, its values converted where a type allows it (``'1e-3'`` to 0.001).
+
+    Raises:
+        ConfigError: The first value that cannot be used.
+    """
     for key in _FIELDS:
         setattr(cfg, key, _check_type(key, getattr(cfg, key), _HINTS[key]))
         choices = _FIELDS[key].metadata.get('choices')
@@ -446,7 +426,6 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     _positive(cfg, 'lr', 'lr_base', 'weight_decay', 'momentum', 'mixup', 'cutmix', 'cutout', 'workers',
               'crop_padding', 'train_limit', 'eval_limit', 'warmup_epochs', 'warmup_lr', 'min_lr', 'model_ema_decay', 'moex_eps', zero_ok=True)
     if cfg.loss == 'bi_tempered':
-        from .bitempered import BiTemperedLogisticLoss
         try:
             BiTemperedLogisticLoss(cfg.bitempered_t1, cfg.bitempered_t2, num_iters=cfg.bitempered_iters)
         except ValueError as e:
@@ -479,145 +458,7 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError(f"remode: {cfg.remode!r} is not one of const, rand, pixel")
     if cfg.model_ema and not cfg.model_ema_decay < 1:
         raise ConfigError(f'model_ema_decay: must be in [0, 1), got {cfg.model_ema_decay!r}')
-
-    import timm
-    import timm_moex  # noqa: F401  (registers this package's models)
-    from timm.optim import list_optimizers
-    if not timm.is_model(cfg.model):
-        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.7)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
-            " (timm.list_models() lists the known names)"
-        raise ConfigError(f'model: timm does not know {cfg.model!r}{hint}')
-    if cfg.opt.lower().split('_')[-1] not in list_optimizers():
-        close = difflib.get_close_matches(cfg.opt, list_optimizers(), n=3)
-        raise ConfigError(f'opt: {cfg.opt!r} is not a timm optimizer; close names: {close} '
-                          '(timm.optim.list_optimizers())')
-    if cfg.moex:
-        try:
-            timm_moex.moex.parse_norm(cfg.moex_norm)
-        except ValueError as e:
-            raise ConfigError(f'moex_norm: {e}') from None
-    if cfg.moex_impl == 'triton' and cfg.compile:
-        raise ConfigError("moex_impl: 'triton' cannot run under compile: true (torch.compile traces the PyTorch ops "
-                          "and fuses them itself); use 'auto'")
-    _check_model_build(cfg)
-    if cfg.auto_augment and cfg.auto_augment != 'cifar10':
-        from timm.data.auto_augment import auto_augment_transform, augment_and_mix_transform, \
-            rand_augment_transform
-        factories = dict(rand=rand_augment_transform, augmix=augment_and_mix_transform)
-        factory = factories.get(cfg.auto_augment.split('-')[0], auto_augment_transform)
-        try:
-            factory(cfg.auto_augment, {})
-        except Exception as e:  # noqa: BLE001  timm raises assorted errors for a bad policy string
-            raise ConfigError(f"auto_augment: {cfg.auto_augment!r} is not a timm policy string "
-                              f"('rand-m9-mstd0.5', 'original', 'v0', 'augmix-m5') nor 'cifar10': {e}") from None
-    if cfg.loader == 'device':
-        reason = device_loader_unsupported(cfg)
-        if reason:
-            raise ConfigError(f"loader: 'device' {reason}; use loader: workers (or auto)")
-    if cfg.log_with == 'tensorboard':
-        import importlib.util
-        if not (importlib.util.find_spec('tensorboard') or importlib.util.find_spec('tensorboardX')):
-            raise ConfigError("log_with: 'tensorboard' needs the tensorboard package (pip install tensorboard)")
-    if cfg.dataset == 'digits':
-        import importlib.util
-        if not importlib.util.find_spec('sklearn'):
-            raise ConfigError("dataset: 'digits' needs scikit-learn (pip install 'timm-moex[quickstart]')")
-
-    if not check_paths:
-        return cfg
-    if cfg.eval_only:
-        if not cfg.checkpoint:
-            raise ConfigError('checkpoint: eval_only needs --checkpoint, a checkpoint-<epoch> folder or a '
-                              '.safetensors file')
-        if not os.path.exists(cfg.checkpoint):
-            raise ConfigError(f'checkpoint: {cfg.checkpoint!r} does not exist')
-    if cfg.initial_checkpoint and not os.path.exists(cfg.initial_checkpoint):
-        raise ConfigError(f'initial_checkpoint: {cfg.initial_checkpoint!r} does not exist')
-    if cfg.push_to_hub:
-        _check_push_to_hub(cfg.push_to_hub)
-    if cfg.resume not in ('', 'auto') and not os.path.isdir(cfg.resume):
-        raise ConfigError(f"resume: {cfg.resume!r} is not a checkpoint folder; use '', 'auto' or a checkpoint-<epoch> "
-                          'folder')
-    from .data import check_data_dir
-    check_data_dir(cfg)
-    out = Path(resolve_output_dir(cfg))
-    for parent in (out, *out.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f'output_dir: {str(parent)!r} is a file, not a folder, so {str(out)!r} cannot be '
-                                  'created; pass another --output-dir')
-            break
-    if not cfg.eval_only and not cfg.resume and out.is_dir() and (
-            any(out.glob('checkpoint-*')) or (out / 'results.json').exists()):
-        raise ConfigError(f'output_dir: {str(out)!r} already holds a run; use --resume auto to continue it or '
-                          'another --output-dir')
     return cfg
-
-
-_HUB_REPO_ID = re.compile(r'^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$')
-
-
-def _check_push_to_hub(repo_id: str) -> None:
-    """A Hub repository id and a token, checked before training rather than after it."""
-    if not _HUB_REPO_ID.match(repo_id) or '--' in repo_id or '..' in repo_id or repo_id.endswith(('.', '-')):
-        raise ConfigError(f"push_to_hub: {repo_id!r} is not a Hugging Face Hub repository id; use 'owner/name' "
-                          '(letters, digits, -, _, .)')
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise ConfigError('push_to_hub: needs the huggingface_hub package (pip install huggingface_hub)') from None
-    if not huggingface_hub.get_token():
-        raise ConfigError(f'push_to_hub: no Hugging Face token to publish {repo_id!r} with; log in first '
-                          '(hf auth login) or set HF_TOKEN')
-
-
-def _check_model_build(cfg: TrainConfig) -> None:
-    """Build the model on the meta device (no memory, no weights) to check model_kwargs and moex_layer."""
-    import timm
-    import torch
-    from timm_moex import get_moex_hook, resolve_moex_layer
-    try:
-        with torch.device('meta'):
-            model = timm.create_model(cfg.model, num_classes=cfg.num_classes or 10, **cfg.model_kwargs)
-    except TypeError as e:
-        raise ConfigError(f'model_kwargs: {cfg.model_kwargs!r} are not accepted by {cfg.model!r}: {e}') from None
-    except Exception:  # noqa: BLE001  a model that cannot be built on 'meta': checked when it is built
-        return
-    if cfg.snapmix:
-        from .snapmix import cam_classifier
-        try:
-            cam_classifier(model)
-        except ValueError as e:
-            raise ConfigError(f'snapmix: {e}') from None
-    if cfg.mix == 'automix':
-        from .automix import parse_feature_layer, resolve_feature_layer
-        try:
-            resolve_feature_layer(model, parse_feature_layer(cfg.automix_feature_layer))
-        except ValueError as e:
-            raise ConfigError(f'automix_feature_layer: {e}') from None
-    if cfg.moex and get_moex_hook(model) is None:
-        try:
-            resolve_moex_layer(model, cfg.moex_layer)
-        except ValueError as e:
-            raise ConfigError(f'moex_layer: {e}') from None
-
-
-def device_loader_unsupported(cfg: TrainConfig) -> str:
-    """Why the settings need the worker loader ('' when the device loader can do them)."""
-    if cfg.dataset == 'imagenet':
-        return "does not hold ImageNet-size datasets (dataset: imagenet)"
-    from .data import resolve_data_defaults
-    img_size, _, _, recipe = resolve_data_defaults(cfg)
-    if img_size > 64:
-        return f'is for images of at most 64 px, not img_size={img_size}'
-    if recipe not in ('cifar', 'none'):
-        return f'does the cifar recipe only, not aug_recipe={recipe!r}'
-    if cfg.auto_augment:
-        return f'has no AutoAugment / RandAugment (auto_augment={cfg.auto_augment!r})'
-    if cfg.reprob > 0:
-        return f'has no RandomErasing (reprob={cfg.reprob})'
-    return ''
 
 
 def resolve_output_dir(cfg: TrainConfig) -> str:
@@ -678,28 +519,6 @@ def resume_differences(saved: Dict[str, Any], cfg: TrainConfig) -> (Dict[str, tu
             continue
         (changes if key in RESUME_MAY_CHANGE else conflicts)[key] = (saved.get(key), now[key])
     return changes, conflicts
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing
-def atomic_write_text(path: os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_config(cfg: TrainConfig, path: os.PathLike) -> None:

@@ -36,10 +36,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 
-from .config import ConfigError, atomic_write_text
-from .hooks import MoExHook, attach_moex, get_moex_hook
-from .moex import parse_norm
-from .tasks import MoExClassificationTask
+from ..hooks import MoExHook, attach_moex, get_moex_hook
+from ..moex import parse_norm
+from ..tasks import MoExClassificationTask
+from .errors import ConfigError
+from .files import atomic_write_text
 
 __all__ = ['main', 'cli', 'load_timm_train', 'hook_running_model', 'MOEX_DEFAULTS', 'TIMM_TRAIN_ENV']
 

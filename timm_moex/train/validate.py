@@ -1,0 +1,165 @@
+"""A configuration checked against the environment before anything runs or is written.
+
+:func:`load_config` is the one call that reads a configuration (:func:`~timm_moex.train.config.parse_config`),
+checks its values (:func:`~timm_moex.train.config.check_values`) and then what they refer to: timm's model
+and optimizer names, a build of the model on the ``meta`` device (model_kwargs, the MoEx layer, SnapMix's
+and AutoMix's needs), installed packages, the data, checkpoint and output folders, a Hub token.
+"""
+import difflib
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import huggingface_hub
+import timm
+import torch
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+from timm.optim import list_optimizers
+
+from ..automix import parse_feature_layer, resolve_feature_layer
+from ..hooks import get_moex_hook, resolve_moex_layer
+from ..moex import parse_norm
+from ..snapmix import cam_classifier
+from .config import TrainConfig, check_values, parse_config, resolve_output_dir
+from .data import check_data_dir, device_loader_unsupported
+from .errors import ConfigError
+
+__all__ = ['load_config', 'validate_config']
+
+
+def load_config(argv: Optional[Sequence[str]] = None, check_paths: bool = True) -> TrainConfig:
+    """Read YAML + command line into a checked TrainConfig (the command line wins).
+
+    Args:
+        argv: The command line without the program name (default ``sys.argv[1:]``).
+        check_paths: Also check the data, checkpoint and output paths and the Hub token.
+
+    Returns:
+        The configuration.
+
+    Raises:
+        ConfigError: The first value that cannot be used, naming the key.
+    """
+    return validate_config(parse_config(argv), check_paths=check_paths)
+
+
+def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
+    """Check the values of ``cfg`` and what they refer to.
+
+    Args:
+        cfg: The configuration (also one built by hand).
+        check_paths: Also check the data, checkpoint and output paths and the Hub token.
+
+    Returns:
+        ``cfg``.
+
+    Raises:
+        ConfigError: The first value that cannot be used, naming the key.
+    """
+    check_values(cfg)
+    if not timm.is_model(cfg.model):
+        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.7)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+            " (timm.list_models() lists the known names)"
+        raise ConfigError(f'model: timm does not know {cfg.model!r}{hint}')
+    if cfg.opt.lower().split('_')[-1] not in list_optimizers():
+        close = difflib.get_close_matches(cfg.opt, list_optimizers(), n=3)
+        raise ConfigError(f'opt: {cfg.opt!r} is not a timm optimizer; close names: {close} '
+                          '(timm.optim.list_optimizers())')
+    if cfg.moex:
+        try:
+            parse_norm(cfg.moex_norm)
+        except ValueError as e:
+            raise ConfigError(f'moex_norm: {e}') from None
+    if cfg.moex_impl == 'triton' and cfg.compile:
+        raise ConfigError("moex_impl: 'triton' cannot run under compile: true (torch.compile traces the PyTorch ops "
+                          "and fuses them itself); use 'auto'")
+    _check_model_build(cfg)
+    if cfg.auto_augment and cfg.auto_augment != 'cifar10':
+        factories = dict(rand=rand_augment_transform, augmix=augment_and_mix_transform)
+        factory = factories.get(cfg.auto_augment.split('-')[0], auto_augment_transform)
+        try:
+            factory(cfg.auto_augment, {})
+        except Exception as e:  # noqa: BLE001  timm raises assorted errors for a bad policy string
+            raise ConfigError(f"auto_augment: {cfg.auto_augment!r} is not a timm policy string "
+                              f"('rand-m9-mstd0.5', 'original', 'v0', 'augmix-m5') nor 'cifar10': {e}") from None
+    if cfg.loader == 'device':
+        reason = device_loader_unsupported(cfg)
+        if reason:
+            raise ConfigError(f"loader: 'device' {reason}; use loader: workers (or auto)")
+    if cfg.log_with == 'tensorboard':
+        if not (importlib.util.find_spec('tensorboard') or importlib.util.find_spec('tensorboardX')):
+            raise ConfigError("log_with: 'tensorboard' needs the tensorboard package (pip install tensorboard)")
+    if cfg.dataset == 'digits':
+        if not importlib.util.find_spec('sklearn'):
+            raise ConfigError("dataset: 'digits' needs scikit-learn (pip install 'timm-moex[quickstart]')")
+
+    if not check_paths:
+        return cfg
+    if cfg.eval_only:
+        if not cfg.checkpoint:
+            raise ConfigError('checkpoint: eval_only needs --checkpoint, a checkpoint-<epoch> folder or a '
+                              '.safetensors file')
+        if not os.path.exists(cfg.checkpoint):
+            raise ConfigError(f'checkpoint: {cfg.checkpoint!r} does not exist')
+    if cfg.initial_checkpoint and not os.path.exists(cfg.initial_checkpoint):
+        raise ConfigError(f'initial_checkpoint: {cfg.initial_checkpoint!r} does not exist')
+    if cfg.push_to_hub:
+        _check_push_to_hub(cfg.push_to_hub)
+    if cfg.resume not in ('', 'auto') and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"resume: {cfg.resume!r} is not a checkpoint folder; use '', 'auto' or a checkpoint-<epoch> "
+                          'folder')
+    check_data_dir(cfg)
+    out = Path(resolve_output_dir(cfg))
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f'output_dir: {str(parent)!r} is a file, not a folder, so {str(out)!r} cannot be '
+                                  'created; pass another --output-dir')
+            break
+    if not cfg.eval_only and not cfg.resume and out.is_dir() and (
+            any(out.glob('checkpoint-*')) or (out / 'results.json').exists()):
+        raise ConfigError(f'output_dir: {str(out)!r} already holds a run; use --resume auto to continue it or '
+                          'another --output-dir')
+    return cfg
+
+
+_HUB_REPO_ID = re.compile(r'^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$')
+
+
+def _check_push_to_hub(repo_id: str) -> None:
+    """A Hub repository id and a token, checked before training rather than after it."""
+    if not _HUB_REPO_ID.match(repo_id) or '--' in repo_id or '..' in repo_id or repo_id.endswith(('.', '-')):
+        raise ConfigError(f"push_to_hub: {repo_id!r} is not a Hugging Face Hub repository id; use 'owner/name' "
+                          '(letters, digits, -, _, .)')
+    if not huggingface_hub.get_token():
+        raise ConfigError(f'push_to_hub: no Hugging Face token to publish {repo_id!r} with; log in first '
+                          '(hf auth login) or set HF_TOKEN')
+
+
+def _check_model_build(cfg: TrainConfig) -> None:
+    """Build the model on the meta device (no memory, no weights) to check model_kwargs and moex_layer."""
+    try:
+        with torch.device('meta'):
+            model = timm.create_model(cfg.model, num_classes=cfg.num_classes or 10, **cfg.model_kwargs)
+    except TypeError as e:
+        raise ConfigError(f'model_kwargs: {cfg.model_kwargs!r} are not accepted by {cfg.model!r}: {e}') from None
+    except Exception:  # noqa: BLE001  a model that cannot be built on 'meta': checked when it is built
+        return
+    if cfg.snapmix:
+        try:
+            cam_classifier(model)
+        except ValueError as e:
+            raise ConfigError(f'snapmix: {e}') from None
+    if cfg.mix == 'automix':
+        try:
+            resolve_feature_layer(model, parse_feature_layer(cfg.automix_feature_layer))
+        except ValueError as e:
+            raise ConfigError(f'automix_feature_layer: {e}') from None
+    if cfg.moex and get_moex_hook(model) is None:
+        try:
+            resolve_moex_layer(model, cfg.moex_layer)
+        except ValueError as e:
+            raise ConfigError(f'moex_layer: {e}') from None
