@@ -9,7 +9,8 @@
 The script reads top to bottom: configuration, Accelerator, data, model (+ MoEx hook),
 optimizer, prepare, scheduler / task / EMA, then the loop, which writes per epoch a row of
 summary.csv and a checkpoint-<epoch> folder, and at the end model.safetensors (+
-model_ema.safetensors) and results.json, all in the run's output folder.
+model_ema.safetensors) and results.json (with eval_corruptions, the final model's errors on corrupted
+copies of the eval set, also in corruptions.csv / .png), all in the run's output folder.
 
 MoEx with Mixup / CutMix: timm's Mixup pairs sample i with sample B-1-i. MoEx then uses that
 same pairing (perm = B-1-i) instead of a random permutation, and MoExLoss permutes the soft
@@ -49,6 +50,7 @@ from timm_moex.train.checkpoint import CheckpointManager, RunLock, TrainState, a
 from timm_moex.train.data import create_datasets, create_loaders, create_mixup, resolve_data_defaults
 from timm_moex.train.metrics import evaluate
 from timm_moex.train.model_folder import push_model_folder, write_model_folder
+from timm_moex.train.robustness import corruption_robustness
 
 
 def create_model(cfg, num_classes):
@@ -292,7 +294,7 @@ def train(cfg, out, accelerator, saved):
     if cfg.initial_checkpoint and not cfg.eval_only:  # fine-tuning: a classifier of another class count is re-initialized
         accelerator.print(load_initial_weights(model, cfg.initial_checkpoint))
     if cfg.eval_only:
-        return evaluate_only(cfg, model, eval_loader, accelerator, out)
+        return evaluate_only(cfg, model, eval_set, eval_loader, accelerator, out)
 
     # ---- optimizer, prepare, scheduler, task, EMA ----
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
@@ -388,13 +390,16 @@ def train(cfg, out, accelerator, saved):
                           + (' (best)' if is_best else ''))
         checkpoints.save(epoch)
 
-    # ---- outputs ----
-    return finish(cfg, out, accelerator, model, model_ema, state, classes=getattr(train_set, 'classes', None))
+    # ---- outputs (+ the corruption evaluation of the final model when eval_corruptions asks for it) ----
+    corruptions = corruption_robustness(cfg, model, eval_set, accelerator, out)
+    return finish(cfg, out, accelerator, model, model_ema, state, classes=getattr(train_set, 'classes', None),
+                  corruptions=corruptions)
 
 
-def finish(cfg, out, accelerator, model, model_ema, state, classes=None):
-    """model.safetensors (+ model_ema.safetensors) with plain timm keys, results.json, and config.json + README.md
-    for timm's local-dir: / hf-hub: loaders (pushed to the Hub with push_to_hub)."""
+def finish(cfg, out, accelerator, model, model_ema, state, classes=None, corruptions=None):
+    """model.safetensors (+ model_ema.safetensors) with plain timm keys, results.json (with ``corruptions`` when
+    given), and config.json + README.md for timm's local-dir: / hf-hub: loaders (pushed to the Hub with
+    push_to_hub)."""
     accelerator.wait_for_everyone()
     results = None
     if accelerator.is_main_process:
@@ -410,6 +415,8 @@ def finish(cfg, out, accelerator, model, model_ema, state, classes=None):
         resumes = read_resume_records(out)
         if resumes:  # what changed when, from resume.jsonl: the settings above hold from the last resume on
             results['resumes'] = [dict(epoch=r['epoch'], changes=r['changes']) for r in resumes]
+        if corruptions is not None:
+            results['corruptions'] = corruptions
         atomic_write_text(out / 'results.json', json.dumps(results, indent=2))
         # ---- the run folder as a timm model folder: timm.create_model('local-dir:<out>', pretrained=True) ----
         write_model_folder(accelerator.unwrap_model(model, keep_torch_compile=False), out, cfg, label_names=classes,
@@ -435,13 +442,17 @@ def push_run(out, repo_id):
     print(f'pushed {out} to {getattr(info, "commit_url", repo_id)}')
 
 
-def evaluate_only(cfg, model, eval_loader, accelerator, out):
-    """--eval-only --checkpoint PATH: top-1 / top-5 error, NLL and ECE, printed and written to eval.json."""
+def evaluate_only(cfg, model, eval_set, eval_loader, accelerator, out):
+    """--eval-only --checkpoint PATH: top-1 / top-5 error, NLL and ECE (+ the corruption evaluation when
+    eval_corruptions asks for it), printed and written to eval.json."""
     accelerator.print(load_weights(model, cfg.checkpoint))
     model, eval_loader = accelerator.prepare(model, eval_loader)
     metrics = evaluate(model, eval_loader, accelerator, cfg.channels_last)
     metrics = dict(checkpoint=str(cfg.checkpoint), top1_err=metrics['top1_err'], top5_err=metrics['top5_err'],
                    nll=metrics['loss'], ece=metrics['ece'], count=metrics['count'])
+    corruptions = corruption_robustness(cfg, model, eval_set, accelerator, out)
+    if corruptions is not None:
+        metrics['corruptions'] = corruptions
     if accelerator.is_main_process:
         atomic_write_text(out / 'eval.json', json.dumps(metrics, indent=2))
         print(json.dumps(metrics, indent=2))

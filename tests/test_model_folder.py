@@ -11,7 +11,7 @@ from torchvision import datasets
 
 import train_moex
 import timm_moex
-from timm_moex import model_folder
+from timm_moex.train import model_folder
 from timm_moex.train.checkpoint import export_weights, load_weights
 from timm_moex.train import ConfigError, RunError, load_config, save_config
 from timm_moex.train.data import create_transforms, load_image

@@ -28,6 +28,7 @@ import yaml
 
 from ..bitempered import BiTemperedLogisticLoss
 from ..moex import MOEX_IMPLS
+from .corruptions import SEVERITIES, parse_corruptions
 from .errors import ConfigError
 from .files import atomic_write_text
 
@@ -178,6 +179,17 @@ class TrainConfig:
     model_ema_decay: float = _f(0.9998, 'EMA decay')
     model_ema_warmup: bool = _f(False, 'EMA decay warm-up')
 
+    # --- corruption robustness (after training, and with eval_only) ---
+    eval_corruptions: str = _f('none', "top-1 error on CIFAR-10-C-style corrupted copies of the eval set "
+                                       "(Hendrycks & Dietterich 2019): 'none', 'all' (the 14 benchmark corruptions "
+                                       "computed here, frost left out) or names separated by commas, e.g. "
+                                       "'gaussian_noise,fog' (timm_moex.train.corruptions); written to results.json, "
+                                       "corruptions.csv and corruptions.png")
+    eval_corruptions_severities: List[int] = _f([1, 2, 3, 4, 5], 'eval_corruptions: the severities (1-5) evaluated')
+    eval_corruptions_limit: int = _f(0, 'eval_corruptions: use a fixed random subset (seed 0) of this many eval '
+                                        'images; 0 = all (the 14 corruptions take about 10 ms of one CPU core per '
+                                        'image and severity)')
+
     # --- run ---
     mixed_precision: Optional[str] = _f(None, "'no', 'fp16' or 'bf16'; default: accelerate launch's setting",
                                         MIXED_PRECISION)
@@ -220,7 +232,8 @@ def _type_name(tp) -> str:
         inner = [a for a in args if a is not type(None)]
         return f'{_type_name(inner[0])} or null'
     if origin in (list, List):
-        return f'a list of {_type_name(args[0])}s'
+        return 'a list of ' + {bool: 'true/false values', int: 'integers', float: 'numbers', str: 'strings'}.get(
+            args[0], str(args[0]))
     if origin in (dict, Dict):
         return 'a mapping'
     return {bool: 'true/false', int: 'an integer', float: 'a number', str: 'a string'}.get(tp, str(tp))
@@ -458,7 +471,20 @@ def check_values(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"remode: {cfg.remode!r} is not one of const, rand, pixel")
     if cfg.model_ema and not cfg.model_ema_decay < 1:
         raise ConfigError(f'model_ema_decay: must be in [0, 1), got {cfg.model_ema_decay!r}')
+    _check_corruptions(cfg)
     return cfg
+
+
+def _check_corruptions(cfg: TrainConfig) -> None:
+    """The eval_corruptions* keys: known names, severities 1-5 (the image size: validate.py)."""
+    try:
+        parse_corruptions(cfg.eval_corruptions)
+    except ValueError as e:
+        raise ConfigError(f'eval_corruptions: {e}') from None
+    severities = cfg.eval_corruptions_severities
+    if not severities or any(s not in SEVERITIES for s in severities) or len(set(severities)) < len(severities):
+        raise ConfigError(f'eval_corruptions_severities: must list distinct severities of 1-5, got {severities!r}')
+    _positive(cfg, 'eval_corruptions_limit', zero_ok=True)
 
 
 def resolve_output_dir(cfg: TrainConfig) -> str:
@@ -477,6 +503,7 @@ RESUME_MAY_CHANGE = frozenset({
     # how the same computation is run, evaluated, logged and kept
     'workers', 'pin_memory', 'loader', 'data_dir', 'download', 'eval_batch_size', 'eval_limit', 'channels_last',
     'compile', 'compile_mode', 'moex_impl', 'checkpoint_keep', 'log_with', 'progress', 'push_to_hub',
+    'eval_corruptions', 'eval_corruptions_severities', 'eval_corruptions_limit',
 })
 """Keys that ``--resume`` may change; they take effect from the resumed epoch on. Every other key shapes
 the model, the data or the optimizer state and must equal the run folder's config.yaml."""

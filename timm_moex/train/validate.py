@@ -23,7 +23,8 @@ from ..hooks import get_moex_hook, resolve_moex_layer
 from ..moex import parse_norm
 from ..snapmix import cam_classifier
 from .config import TrainConfig, check_values, parse_config, resolve_output_dir
-from .data import check_data_dir, device_loader_unsupported
+from .corruptions import parse_corruptions
+from .data import check_data_dir, device_loader_unsupported, resolve_data_defaults
 from .errors import ConfigError
 
 __all__ = ['load_config', 'validate_config']
@@ -85,6 +86,10 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         except Exception as e:  # noqa: BLE001  timm raises assorted errors for a bad policy string
             raise ConfigError(f"auto_augment: {cfg.auto_augment!r} is not a timm policy string "
                               f"('rand-m9-mstd0.5', 'original', 'v0', 'augmix-m5') nor 'cifar10': {e}") from None
+    img_size = resolve_data_defaults(cfg)[0]
+    if parse_corruptions(cfg.eval_corruptions) and img_size > 64:
+        raise ConfigError(f'eval_corruptions: the CIFAR-10-C corruptions are set for 32 px images, not '
+                          f'img_size={img_size}; give --img-size 64 or less, or eval_corruptions: none')
     if cfg.loader == 'device':
         reason = device_loader_unsupported(cfg)
         if reason:
