@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import timm_moex  # noqa: F401  (registers the package's models with timm)
 from timm_moex import AutoMix, AutoMixTask, BiTemperedLogisticLoss, MoExClassificationTask, SnapMixTask, \
-    attach_moex, get_moex_hook
+    attach_dsu, attach_mixstyle, attach_moex, get_moex_hook
 from timm_moex.automix import parse_feature_layer
 from timm_moex.train import ConfigError, Diverged, Interrupted, ResumeMismatch, RunError, RunFolderBusy, UserError, \
     atomic_write_text, config_help, load_config, read_run_config, resolve_output_dir, resume_differences, save_config
@@ -54,7 +54,8 @@ from timm_moex.train.robustness import corruption_robustness
 
 
 def create_model(cfg, num_classes):
-    """A timm model, SyncBatchNorm and the MoEx hook (attached before compile and prepare), channels_last."""
+    """A timm model, SyncBatchNorm, the MoEx hook and the MixStyle / DSU hooks (attached before compile and prepare),
+    channels_last."""
     model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **cfg.model_kwargs)
     hook = get_moex_hook(model)  # *_moex models come with one, which wins over the moex_* keys
     if cfg.sync_bn and torch.distributed.is_available():  # replaces the BatchNorms: (re)attach the hook after
@@ -70,6 +71,11 @@ def create_model(cfg, num_classes):
         warnings.warn(f'{cfg.model} comes with {hook}; moex_norm={cfg.moex_norm!r}, moex_eps={cfg.moex_eps} ignored')
     if hook is not None:
         hook.impl = cfg.moex_impl
+    if cfg.mixstyle:  # no label changes, so no task: the hooks act in every training forward
+        attach_mixstyle(model, layers=cfg.mixstyle_layers, p=cfg.mixstyle_p, alpha=cfg.mixstyle_alpha,
+                        mix=cfg.mixstyle_mix)
+    if cfg.dsu:
+        attach_dsu(model, layers=cfg.dsu_layers, p=cfg.dsu_p)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -29,7 +29,7 @@ CutMix + MoEx, else the first arm) paired by seed; it plots test error against e
     # Mixup / MoEx / AutoMix / AutoMix + MoEx:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set automix --cpu-sized
 
-``data/cifar10`` is ``../shared/data/cifar10/cifar10_jpeg.tar.gz`` unpacked (train/ and test/).
+``data/cifar10`` is CIFAR-10 as JPEG files in train/<class>/ and test/<class>/ (an ImageFolder).
 """
 import argparse
 import csv

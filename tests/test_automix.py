@@ -577,6 +577,7 @@ def test_eval_mode_is_the_plain_loss():
     torch.testing.assert_close(result['loss'], F.cross_entropy(model(x), y))
 
 
+@pytest.mark.slow
 def test_both_encoders_learn_a_toy_problem():
     """End to end on a separable toy problem: the online and the momentum encoder (used, as in
     training, with batch statistics) both learn it, and the Mix Block's weights move."""

@@ -120,6 +120,7 @@ def test_hand_built_config_is_type_checked():
         validate_config(TrainConfig(moex_prob='high'), check_paths=False)
 
 
+@pytest.mark.slow
 def test_command_line_error_exits_before_writing(tmp_path):
     out = tmp_path / 'never'
     proc = subprocess.run([sys.executable, str(ROOT / 'train_moex.py'), '--moex-lam', '2', '--output-dir', str(out)],
@@ -160,3 +161,26 @@ def test_paper_recipes_hold_the_reference_values():
     assert (inet['moex']['moex_lam'], inet['moex']['moex_prob']) == (0.9, 1.0)
     assert (inet['cutmix_moex']['moex_lam'], inet['cutmix_moex']['moex_prob'], inet['cutmix_moex']['cutmix'],
             inet['cutmix_moex']['mixup_prob']) == (0.9, 0.25, 1.0, 1.0)
+
+
+@pytest.mark.parametrize('argv, match', [
+    (['--mixstyle', '--mixstyle-p', '1.5'], r'mixstyle_p: must be in \[0, 1\], got 1.5'),
+    (['--dsu', '--dsu-p', '-0.1'], r'dsu_p: must be in \[0, 1\], got -0.1'),
+    (['--mixstyle', '--mixstyle-alpha', '0'], 'mixstyle_alpha: must be a positive number, got 0'),
+    (['--mixstyle', '--mixstyle-mix', 'cross'], r"mixstyle_mix: 'cross' is not one of random, crossdomain "
+                                                 r"\(did you mean 'crossdomain'\?\)"),
+    (['--mixstyle', '--mixstyle-mix', 'crossdomain', '--batch-size', '7'], 'batch_size: 7 is odd, but mixstyle_mix'),
+    (['--dsu', '--dsu-layers', '[]'], 'dsu_layers: give at least one module name'),
+    (['--model', 'resnet10t', '--mixstyle', '--mixstyle-layers', '[layer9]'],
+     r"mixstyle_layers: layer 'layer9' is not a module of ResNet"),
+    (['--model', 'resnet10t', '--dsu', '--dsu-layers', '[layer1, layer1]'], 'dsu_layers: layers name one module twice'),
+], ids=['mixstyle_p', 'dsu_p', 'alpha', 'mix', 'odd_batch', 'no_layers', 'unknown_layer', 'twice'])
+def test_mixstyle_and_dsu_keys_are_checked(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(argv, check_paths=False)
+
+
+def test_mixstyle_and_dsu_defaults_are_the_authors():
+    cfg = load_config(['--mixstyle', '--dsu'], check_paths=False)
+    assert (cfg.mixstyle_p, cfg.mixstyle_alpha, cfg.mixstyle_mix, cfg.dsu_p) == (0.5, 0.1, 'random', 0.5)
+    assert cfg.mixstyle_layers is None and cfg.dsu_layers is None  # the hooks' defaults (from feature_info)

@@ -183,6 +183,7 @@ def write_pair(tmp_path, size_a=(40, 40), size_b=(40, 40)):
     return str(a), str(b)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_grid_into_a_new_folder(tmp_path, capsys):
     a, b = write_pair(tmp_path, size_b=(30, 50))
     out = tmp_path / 'new' / 'deeper' / 'grid.png'
@@ -197,6 +198,7 @@ def test_cli_writes_the_grid_into_a_new_folder(tmp_path, capsys):
     assert 'resizing the moment image' in err
 
 
+@pytest.mark.slow
 def test_cli_without_images_uses_the_shipped_samples(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     real_find_spec = importlib.util.find_spec
@@ -207,6 +209,7 @@ def test_cli_without_images_uses_the_shipped_samples(tmp_path, monkeypatch, caps
     assert 'sample_features.png' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_without_images_uses_scikit_learns_photos(tmp_path, monkeypatch, capsys):
     pytest.importorskip('sklearn')
     feature, moment = demo.default_image_paths()
@@ -232,6 +235,7 @@ def test_the_shipped_samples_are_reproducible():
     assert feature.std(-1).min() > 0.05  # colour everywhere, so PONO has content at every pixel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['missing', 'not an image'])
 def test_cli_reports_a_bad_input_file_without_a_traceback(tmp_path, capsys, kind):
     a, _ = write_pair(tmp_path)
@@ -245,6 +249,7 @@ def test_cli_reports_a_bad_input_file_without_a_traceback(tmp_path, capsys, kind
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_reports_unavailable_pretrained_weights(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo.timm, 'create_model', lambda *a, **k: (_ for _ in ()).throw(OSError('offline')))
     a, b = write_pair(tmp_path)
@@ -253,6 +258,7 @@ def test_cli_reports_unavailable_pretrained_weights(tmp_path, monkeypatch, capsy
     assert 'could not load pretrained weights' in err and 'offline' in err
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_models_and_norms(tmp_path, capsys):
     a, b = write_pair(tmp_path)
     assert demo.main([a, b, '-o', str(tmp_path / 'g.png'), '--model', 'no_such_net']) == 2
@@ -265,6 +271,7 @@ def test_cli_rejects_unknown_models_and_norms(tmp_path, capsys):
     assert info.value.code == 2
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_and_fails_cleanly(tmp_path):
     missing = tmp_path / 'missing.png'
     proc = subprocess.run(

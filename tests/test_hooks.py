@@ -121,6 +121,7 @@ def test_remove_restores_the_model(name):
 INDUCTOR = ('resnet18', 'vit_tiny_patch16_224')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', MODELS)
 def test_compiled_fullgraph_equals_eager(name):
     model, x = make(name)

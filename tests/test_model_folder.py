@@ -50,6 +50,7 @@ def logits_of(model, folder, transform):
         return model.eval()(batch), torch.tensor(data.targets)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('extra', [
     ('--img-size', '32', '--moex', 'true'),  # the cifar recipe: resize + centre crop at 32 px
     ('--img-size', '48', '--aug-recipe', 'imagenet', '--crop-pct', '0.75', '--interpolation', 'bicubic',
@@ -123,6 +124,7 @@ def test_labels_are_left_out_unless_one_per_class(tmp_path):
     assert not list(tmp_path.glob('.*.tmp'))
 
 
+@pytest.mark.slow
 def test_push_needs_a_finished_folder_and_reports_a_failed_upload(tmp_path, fake_hub, monkeypatch, capsys):
     with pytest.raises(FileNotFoundError, match='model.safetensors'):
         model_folder.push_model_folder(tmp_path, 'someone/x')

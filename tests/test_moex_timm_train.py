@@ -15,6 +15,8 @@ from timm_moex.train import ConfigError
 from timm_moex import get_moex_hook
 from timm_moex.train.timm_train import cli, hook_running_model, load_timm_train, main
 
+pytestmark = pytest.mark.slow  # every test here runs a training script
+
 TIMM_TRAIN = ROOT.parent / 'shared' / 'timm' / 'train.py'
 needs_train_py = pytest.mark.skipif(not TIMM_TRAIN.is_file(),
                                     reason=f"timm's train.py fixture is absent ({TIMM_TRAIN})")

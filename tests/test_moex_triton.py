@@ -152,6 +152,7 @@ def test_triton_refuses_what_it_does_not_cover(kwargs, match):
                                    moment_exchange(x, perm, impl='torch', **kwargs))
 
 
+@pytest.mark.slow
 def test_compiled_hook_traces_the_pytorch_ops():
     model = timm.create_model('resnet18', num_classes=4, pretrained=False).to(DEVICE).train()
     hook = attach_moex(model)  # impl='auto'
@@ -211,6 +212,7 @@ print('compiled', flush=True)
 '''
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_an_h100():
     """The interpreter does not run Triton's compiler: compile the kernels for sm_90 ahead of time
     (Triton's own ptxas, no GPU needed), in a process where Triton is not interpreting."""

@@ -223,6 +223,7 @@ def test_strip_moex_gives_a_model_that_scripts_traces_and_exports(variant):
     assert timm_moex.strip_moex(plain) is plain  # no hook: nothing to do
 
 
+@pytest.mark.slow
 def test_strip_moex_unwraps_compile():
     model = timm.create_model('resnet18_cifar_moex', num_classes=10)
     compiled = torch.compile(model)

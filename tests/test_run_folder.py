@@ -59,6 +59,7 @@ HOLD = 'import sys, time; from timm_moex.train.checkpoint import RunLock; RunLoc
        'time.sleep(300)'
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == 'win32', reason='SIGKILL')
 def test_a_second_process_on_a_held_run_folder_stops_at_once(args, tmp_path, capsys):
     out = tmp_path / 'run'
@@ -80,6 +81,7 @@ def test_a_second_process_on_a_held_run_folder_stops_at_once(args, tmp_path, cap
     assert results['last']['epoch'] == 1
 
 
+@pytest.mark.slow
 def test_the_command_reports_a_busy_folder_in_one_line(args, tmp_path):
     """The real command, not cli() in-process: exit code, one line on stderr, no traceback."""
     out = tmp_path / 'run'
@@ -95,6 +97,7 @@ def test_the_command_reports_a_busy_folder_in_one_line(args, tmp_path):
                      ': wait for it to finish (or stop it), or pass another --output-dir'], proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != 'linux', reason='gloo DDP on CPU tested on Linux')
 def test_a_ddp_run_on_a_held_folder_stops_every_process(args, tmp_path):
     """Under DDP the main process takes the lock; the run stops at once instead of waiting at a barrier."""
@@ -119,6 +122,7 @@ def test_a_ddp_run_on_a_held_folder_stops_every_process(args, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_no_folder_behind(args, tmp_path, capsys):
     out = tmp_path / 'never'
     one_line_error(capsys, args('--batch-size', '64', out=out), DataError.exit_code)  # 16 images
@@ -146,6 +150,7 @@ def finished_once(image_folder, tmp_path_factory):
     return _finished_run(tmp_path_factory.mktemp('finished') / 'done', image_folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('extra', [['--model', 'resnet18'], ['--num-classes', '3'],  # the model
                                    ['--img-size', '48'], ['--train-limit', '12'], ['--moex'],  # data and method
                                    ['--opt', 'adamw'], ['--weight-decay', '5e-4'], ['--batch-size', '4']],  # optimizer
@@ -161,6 +166,7 @@ def test_resume_refuses_changed_identity_before_writing(extra, finished_once, ar
     assert snapshot(finished) == before  # config.yaml, checkpoints, results: untouched
 
 
+@pytest.mark.slow
 def test_resume_with_changed_lr_and_epochs_trains_with_them(finished, args):
     """--lr and --epochs take effect (the restored scheduler state used to keep the old ones), are printed,
     recorded in resume.jsonl and config.yaml, and results.json says what trained."""
@@ -184,6 +190,7 @@ def test_resume_with_changed_lr_and_epochs_trains_with_them(finished, args):
     assert snapshot(finished) == before
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_trains_nothing_and_records_nothing(finished, args, capsys):
     results_before = (finished / 'results.json').read_text()
     config_before = (finished / 'config.yaml').read_text()
@@ -194,6 +201,7 @@ def test_resume_of_a_finished_run_trains_nothing_and_records_nothing(finished, a
     assert json.loads((finished / 'results.json').read_text()) == json.loads(results_before)
 
 
+@pytest.mark.slow
 def test_extended_cosine_continues_from_the_update_count(args, tmp_path):
     """A finished one-epoch cosine run extended to 3 epochs trains on at the lr of a 3-epoch cosine at its
     update count (it used to train at lr 0: the restored scheduler still ended after epoch 1)."""
@@ -209,6 +217,7 @@ def test_extended_cosine_continues_from_the_update_count(args, tmp_path):
     assert not torch.equal(weights_1['conv1.0.weight'], weights_2['conv1.0.weight'])
 
 
+@pytest.mark.slow
 def test_extended_step_schedule_follows_the_run_planned_that_long(args, tmp_path):
     """The step schedule does not depend on the run's length: a 1-epoch run extended to 3 epochs trains
     epochs 2-3 exactly as a run planned for 3."""
@@ -225,6 +234,7 @@ def test_extended_step_schedule_follows_the_run_planned_that_long(args, tmp_path
 
 # ---- divergence ----
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(args, tmp_path, monkeypatch, capsys):
     out = tmp_path / 'nan'
     calls = []
@@ -246,6 +256,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(args, tmp_p
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.slow
 def test_a_huge_lr_diverges_cleanly(args, tmp_path):
     with pytest.raises(Diverged, match=r'training diverged: the (training|evaluation) loss is not finite'):
         train_moex.main(args('--lr', '1e30', '--epochs', '2', out=tmp_path / 'huge'))
@@ -277,6 +288,7 @@ def test_yaml_numbers_in_exponent_form(tmp_path):
         load_config(['--lr', '1e-3x'], check_paths=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('extra, match', [
     (['--moex', '--moex-norm', 'gn3'], r"model: a trial forward of resnet10t with MoEx .*moex_norm='gn3'"),
     (['--batch-size', '1', '--img-size', '32'], r'batch_size: 1 is too small for the BatchNorm layers of resnet10t'),
@@ -305,6 +317,7 @@ def test_trial_forward_leaves_the_model_as_it_was():
     assert not train_moex.get_moex_hook(model).armed
 
 
+@pytest.mark.slow
 def test_img_size_above_32_on_digits_trains(run_args, tmp_path):
     """The 32 px datasets are resized to another img_size (RandomCrop used to fail on the 32 px images)."""
     out = tmp_path / 'digits64'
@@ -316,6 +329,7 @@ def test_img_size_above_32_on_digits_trains(run_args, tmp_path):
 
 # ---- one clear line for every user error ----
 
+@pytest.mark.slow
 def test_data_errors_are_one_line(tmp_path, capsys):
     common = ['--dataset', 'imagefolder', '--model', 'resnet10t', '--epochs', '1', '--batch-size', '4',
               '--workers', '0', '--progress', 'false']
@@ -333,6 +347,7 @@ def test_data_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / 'o1').exists() and not (tmp_path / 'o2').exists()
 
 
+@pytest.mark.slow
 def test_output_dir_under_a_regular_file(args, tmp_path, capsys):
     blocker = tmp_path / 'file'
     blocker.write_text('not a folder')
@@ -340,6 +355,7 @@ def test_output_dir_under_a_regular_file(args, tmp_path, capsys):
     assert f"output_dir: '{blocker}' is a file" in line
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(args, tmp_path, capsys):
     out = tmp_path / 'run'
     common = ['--sched', 'constant', '--epochs', '2']
@@ -369,6 +385,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(args, tmp_path, ca
     assert 'the checkpoint is damaged' in line and 'checkpoint-2' in line
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_class_count_is_one_line(finished, args, capsys):
     (finished / 'config.yaml').unlink()  # a folder without its identity: the shapes are checked on load
     line = one_line_error(capsys, args('--sched', 'constant', '--epochs', '2', '--num-classes', '3', '--resume',
@@ -377,6 +394,7 @@ def test_checkpoint_of_another_class_count_is_one_line(finished, args, capsys):
     assert not (finished / 'config.yaml').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT to a child process')
 def test_ctrl_c_says_how_to_resume(args, tmp_path):
     out = tmp_path / 'run'
@@ -396,6 +414,7 @@ def test_ctrl_c_says_how_to_resume(args, tmp_path):
     assert not (out / 'results.json').exists()
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(args, tmp_path, capsys):
     blocker = tmp_path / 'file'
     blocker.write_text('')

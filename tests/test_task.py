@@ -66,6 +66,37 @@ def test_loss_refuses_lam_outside_unit_interval():
         MoExLoss(torch.nn.CrossEntropyLoss())(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([1, 0]), 1.5)
 
 
+def test_loss_refuses_a_negative_lam():
+    with pytest.raises(ValueError, match=r'lam must be in \[0, 1\]; got -0.25'):
+        MoExLoss(torch.nn.CrossEntropyLoss())(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([1, 0]), -0.25)
+
+
+def test_loss_with_lam_zero_is_the_criterion_of_the_partners_targets():
+    out, target = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    perm = torch.tensor([5, 4, 3, 2, 1, 0])
+    criterion = torch.nn.CrossEntropyLoss()
+    torch.testing.assert_close(MoExLoss(criterion)(out, target, perm, 0.0), criterion(out, target[perm]))
+
+
+class CountingCriterion:
+    """Cross-entropy that records the targets it was called with."""
+
+    def __init__(self):
+        self.targets = []
+
+    def __call__(self, output, target):
+        self.targets.append(target)
+        return F.cross_entropy(output, target)
+
+
+def test_loss_with_lam_one_runs_the_criterion_once_on_the_own_targets():
+    out, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    criterion = CountingCriterion()
+    MoExLoss(criterion)(out, target, torch.tensor([1, 2, 3, 0]), 1.0)
+    assert len(criterion.targets) == 1
+    assert torch.equal(criterion.targets[0], target)
+
+
 # ---- MoExClassificationTask ----
 
 def test_task_is_a_timm_classification_task():
@@ -183,6 +214,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, results):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_task_under_two_process_ddp():
     import socket
     with socket.socket() as s:

@@ -75,6 +75,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', list(VARIANTS))
 def test_two_epoch_runs(variant, run_args, tmp_path):
     out = tmp_path / variant
@@ -95,6 +96,7 @@ def test_two_epoch_runs(variant, run_args, tmp_path):
         assert groups[-1]['initial_lr'] == (0.01 if '--automix-lr' in VARIANTS[variant] else 0.05)
 
 
+@pytest.mark.slow
 def test_compiled_run_traces_the_hook_in_static_graphs(run_args, tmp_path, monkeypatch):
     """compile: true traces model and hook without graph breaks, and a partial last batch gets its
     own static graph rather than turning the batch dimension dynamic (slower kernels on a GPU)."""
@@ -124,6 +126,7 @@ def test_compiled_run_traces_the_hook_in_static_graphs(run_args, tmp_path, monke
     assert not any('SymInt' in inputs for inputs in graphs), graphs
 
 
+@pytest.mark.slow
 def test_triton_kernels_train_like_the_pytorch_ops(run_args, tmp_path, monkeypatch):
     """moex_impl: triton (on a CPU, in Triton's interpreter) trains exactly as moex_impl: torch."""
     kernels = pytest.importorskip('timm_moex.moex_triton')
@@ -146,6 +149,7 @@ def test_triton_kernels_train_like_the_pytorch_ops(run_args, tmp_path, monkeypat
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-2, abs=1e-4), key
 
 
+@pytest.mark.slow
 def test_grad_accum_counts_updates(run_args, tmp_path):
     """32 images, batch 8, 2 accumulation steps: 2 updates per epoch, seen by the step scheduler."""
     out = tmp_path / 'accum'
@@ -157,6 +161,7 @@ def test_grad_accum_counts_updates(run_args, tmp_path):
     assert lrs == pytest.approx([0.025, 0.0125])
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_metrics(run_args, tmp_path):
     """A run killed after epoch 2 and resumed reproduces epoch 3 of the uninterrupted run exactly."""
     common = ['--moex', '--moex-prob', '0.5', '--cutmix', '1.0', '--mixup-prob', '0.5', '--model-ema',
@@ -178,6 +183,7 @@ def test_resume_gives_the_uninterrupted_metrics(run_args, tmp_path):
         torch.testing.assert_close(part_w[k], full_w[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_automix_resume_restores_the_mix_block_and_momentum_encoder(run_args, tmp_path, monkeypatch):
     """AutoMix (+ MoEx) stopped after checkpoint-2 and resumed: epoch 3 and the AutoMix state match the
     uninterrupted run (whose momentum and mask-area schedules span the same 3 epochs)."""
@@ -230,6 +236,7 @@ def test_automix_config_errors():
     assert cfg.automix_feature_layer == '-3'
 
 
+@pytest.mark.slow
 def test_new_run_refuses_a_used_output_dir(run_args, tmp_path):
     out = tmp_path / 'used'
     train_moex.main(run_args('--epochs', '1', out=out))
@@ -237,6 +244,7 @@ def test_new_run_refuses_a_used_output_dir(run_args, tmp_path):
         train_moex.main(run_args('--epochs', '1', out=out))
 
 
+@pytest.mark.slow
 def test_crash_while_saving_keeps_the_previous_checkpoint(run_args, tmp_path, monkeypatch):
     out = tmp_path / 'crash'
     from timm_moex.train import checkpoint
@@ -259,6 +267,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(run_args, tmp_path, mo
     check_run(out, ema=True)
 
 
+@pytest.mark.slow
 def test_eval_only_matches_the_last_epoch(run_args, tmp_path):
     out = tmp_path / 'evalrun'
     results = train_moex.main(run_args(out=out))
@@ -273,6 +282,7 @@ def test_eval_only_matches_the_last_epoch(run_args, tmp_path):
     assert json.loads((tmp_path / 'evalonly' / 'eval.json').read_text())['ece'] == pytest.approx(metrics['ece'])
 
 
+@pytest.mark.slow
 def test_corrupt_image_names_its_path(tmp_path):
     data = make_image_folder(tmp_path / 'data', train_per_class=4, test_per_class=2)
     bad = data / 'train' / 'a' / 'broken.png'
@@ -297,6 +307,7 @@ def _cutmix_moex_batch(mix_kwargs, lam):
     return result, y, mix_lam
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mix_kwargs', [dict(mixup_alpha=0.0, cutmix_alpha=1.0), dict(mixup_alpha=1.0)])
 def test_mixing_plus_moex_is_the_three_term_loss(mix_kwargs):
     """CutMix (or Mixup) + MoEx share the pairing; the loss is the official three-term formula."""
@@ -312,6 +323,7 @@ def test_mixing_plus_moex_is_the_three_term_loss(mix_kwargs):
     torch.testing.assert_close(result['loss'], by_hand)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != 'linux', reason='gloo DDP on CPU tested on Linux')
 @pytest.mark.parametrize('extra', [['--moex', '--moex-prob', '1.0', '--cutmix', '1.0'],
                                    ['--mix', 'automix', '--moex', '--moex-prob', '1.0']], ids=['cutmix_moex', 'automix'])
@@ -479,6 +491,7 @@ def test_real_cifar10_jpeg_folder_loads():
     assert abs(x.mean().item()) < 2
 
 
+@pytest.mark.slow
 def test_imagenet_layout_through_timm_create_dataset(tmp_path):
     data = make_image_folder(tmp_path / 'inet', train_per_class=8, test_per_class=3, size=40)
     (data / 'test').rename(data / 'val')
@@ -496,6 +509,7 @@ def test_imagenet_layout_through_timm_create_dataset(tmp_path):
     assert train_set[0][0].shape == (3, 224, 224)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model', ['pyramidnet110_a48_moex', 'resnet18_cifar'])
 def test_package_models_with_a_cifar_recipe(model, image_folder, tmp_path):
     """A paper recipe with this package's models (a *_moex variant brings its own hook)."""
@@ -510,6 +524,7 @@ def test_package_models_with_a_cifar_recipe(model, image_folder, tmp_path):
                       pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors')))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_auto(run_args, tmp_path):
     """A real kill (SIGKILL) once checkpoint-2 exists; --resume auto ends with the uninterrupted run's metrics."""
     import signal
@@ -533,6 +548,7 @@ def test_sigkill_then_resume_auto(run_args, tmp_path):
         assert float(killed_rows[2][key]) == pytest.approx(float(full_rows[2][key]), rel=1e-6, abs=1e-9), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('extra', [['--loss', 'bi_tempered', '--moex', '--moex-prob', '1.0', '--smoothing', '0.1'],
                                    ['--snapmix', '--moex', '--moex-prob', '1.0'],
                                    ['--loss', 'bi_tempered', '--snapmix']])
@@ -552,3 +568,28 @@ def test_snapmix_refuses_mixing_and_token_models():
         load_config(['--snapmix', '--model', 'vit_tiny_patch16_224'], check_paths=False)
     with pytest.raises(ConfigError, match='bitempered'):
         load_config(['--loss', 'bi_tempered', '--bitempered-t1', '0'], check_paths=False)
+
+
+@pytest.mark.slow
+def test_mixstyle_and_dsu_keys_reach_the_training_forward(run_args, tmp_path, monkeypatch):
+    """p 0 trains exactly as without the hooks (no draw either); p 1 changes the training and hooks the
+    layers the keys name."""
+    small = ['--epochs', '1', '--train-limit', '16', '--eval-limit', '8']
+    attached = []
+    for name in ('attach_mixstyle', 'attach_dsu'):
+        real = getattr(train_moex, name)
+        monkeypatch.setattr(train_moex, name, lambda *a, _real=real, **k: attached.append(_real(*a, **k)) or
+                            attached[-1])
+
+    def train_loss(*extra, out):
+        train_moex.main(run_args(*small, *extra, out=tmp_path / out))
+        return float(read_summary(tmp_path / out)[0]['train_loss'])
+
+    plain = train_loss(out='plain')
+    assert attached == []
+    assert train_loss('--mixstyle', '--mixstyle-p', '0', '--dsu', '--dsu-p', '0', out='p0') == plain
+    assert train_loss('--mixstyle', '--mixstyle-p', '1', '--mixstyle-layers', '[layer1]', '--dsu', '--dsu-p', '1',
+                      out='p1') != plain
+    assert [h.layers for h in attached[-2:]] == [('layer1',), ('conv1.0', 'maxpool', 'layer1', 'layer2', 'layer3',
+                                                               'layer4')]
+    assert [h.p for h in attached[-2:]] == [1.0, 1.0]

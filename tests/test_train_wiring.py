@@ -14,6 +14,8 @@ from timm.task import ClassificationTask
 import train_moex
 from timm_moex import AutoMixTask, BiTemperedLogisticLoss, MoExClassificationTask, SnapMixTask
 
+pytestmark = pytest.mark.slow  # every test here runs a training script
+
 TASK_CLASSES = (ClassificationTask, MoExClassificationTask, SnapMixTask, AutoMixTask)
 
 

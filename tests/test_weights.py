@@ -130,6 +130,7 @@ def test_initial_weights_drop_a_classifier_of_another_class_count(source, tmp_pa
         load_initial_weights(body, path)
 
 
+@pytest.mark.slow
 def test_eval_only_and_fine_tuning_from_the_papers_format(run_args, tmp_path, capsys):
     out = tmp_path / 'run'
     results = train_moex.main(run_args('--img-size', '32', '--epochs', '1', out=out))
@@ -160,6 +161,7 @@ def test_eval_only_and_fine_tuning_from_the_papers_format(run_args, tmp_path, ca
     torch.testing.assert_close(tuned.state_dict()[conv], three.state_dict()[conv], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_bad_files_end_the_command_in_one_line(run_args, tmp_path, capsys):
     bad = tmp_path / 'model_best.pth.tar'
     bad.write_bytes(b'\x80\x02garbage')

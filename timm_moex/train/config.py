@@ -28,6 +28,7 @@ import yaml
 
 from ..bitempered import BiTemperedLogisticLoss
 from ..moex import MOEX_IMPLS
+from ..style_hooks import MIXSTYLE_MIXES
 from .corruptions import SEVERITIES, parse_corruptions
 from .errors import ConfigError
 from .files import atomic_write_text
@@ -138,6 +139,19 @@ class TrainConfig:
     moex_impl: str = _f('auto', "implementation of the exchange, same results: 'auto' (fused Triton kernels for "
                                 "pono and gponoG on CUDA without compile, PyTorch ops otherwise), 'triton' (the "
                                 "kernels or an error) or 'torch'", MOEX_IMPLS)
+
+    # --- MixStyle / DSU: feature moments of other samples or noisy ones, the label kept (composable with MoEx) ---
+    mixstyle: bool = _f(False, 'MixStyle (Zhou et al. 2021): mix the instance-norm moments of random pairs')
+    mixstyle_layers: Optional[List[str]] = _f(None, 'modules whose outputs MixStyle changes; default: the first two '
+                                                    'stages')
+    mixstyle_p: float = _f(0.5, 'MixStyle: probability per batch and layer')
+    mixstyle_alpha: float = _f(0.1, 'MixStyle: Beta(alpha, alpha) of the mixing weight')
+    mixstyle_mix: str = _f('random', "MixStyle pairing: 'random', or 'crossdomain' (without domain labels, the two "
+                                     "halves of each batch)", MIXSTYLE_MIXES)
+    dsu: bool = _f(False, 'DSU (Li et al. 2022): perturb the instance-norm moments by their spread over the batch')
+    dsu_layers: Optional[List[str]] = _f(None, 'modules whose outputs DSU changes; default: the first convolution, '
+                                               'the stem and every stage')
+    dsu_p: float = _f(0.5, 'DSU: probability per batch and layer')
 
     # --- model ---
     model: str = _f('resnet18', 'any timm model name (timm_moex models included)')
@@ -471,6 +485,15 @@ def check_values(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"remode: {cfg.remode!r} is not one of const, rand, pixel")
     if cfg.model_ema and not cfg.model_ema_decay < 1:
         raise ConfigError(f'model_ema_decay: must be in [0, 1), got {cfg.model_ema_decay!r}')
+    _unit(cfg, 'mixstyle_p', 'dsu_p')
+    if cfg.mixstyle and not 0 < cfg.mixstyle_alpha < math.inf:
+        raise ConfigError(f'mixstyle_alpha: must be a positive number, got {cfg.mixstyle_alpha!r}')
+    if cfg.mixstyle and cfg.mixstyle_mix == 'crossdomain' and cfg.batch_size % 2:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is odd, but mixstyle_mix: crossdomain pairs the two halves of "
+                          'each batch and needs an even batch size')
+    for key in ('mixstyle_layers', 'dsu_layers'):
+        if getattr(cfg, key) is not None and not getattr(cfg, key):
+            raise ConfigError(f'{key}: give at least one module name, or leave it out for the default layers')
     _check_corruptions(cfg)
     return cfg
 

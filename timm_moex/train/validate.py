@@ -22,6 +22,7 @@ from ..automix import parse_feature_layer, resolve_feature_layer
 from ..hooks import get_moex_hook, resolve_moex_layer
 from ..moex import parse_norm
 from ..snapmix import cam_classifier
+from ..style_hooks import attach_dsu, attach_mixstyle
 from .config import TrainConfig, check_values, parse_config, resolve_output_dir
 from .corruptions import parse_corruptions
 from .data import check_data_dir, device_loader_unsupported, resolve_data_defaults
@@ -163,6 +164,12 @@ def _check_model_build(cfg: TrainConfig) -> None:
             resolve_feature_layer(model, parse_feature_layer(cfg.automix_feature_layer))
         except ValueError as e:
             raise ConfigError(f'automix_feature_layer: {e}') from None
+    for key, attach, layers in (('mixstyle', attach_mixstyle, cfg.mixstyle_layers), ('dsu', attach_dsu, cfg.dsu_layers)):
+        if getattr(cfg, key):
+            try:
+                attach(model, layers=layers)
+            except ValueError as e:
+                raise ConfigError(f'{key}_layers: {e}') from None
     if cfg.moex and get_moex_hook(model) is None:
         try:
             resolve_moex_layer(model, cfg.moex_layer)

@@ -1,0 +1,116 @@
+"""Mutation score of the library's algorithm modules, with mutmut (not part of CI: too slow).
+
+mutmut changes one operator, constant or call at a time in the modules that ``[tool.mutmut]`` of
+pyproject.toml lists (``only_mutate``) and runs the tests that cover the changed function; a mutant
+that no test notices "survives". This script runs mutmut one module at a time (so each run stays
+short and a module's score can be redone alone) and prints a table of killed / survived per module
+and the surviving mutants.
+
+    pip install mutmut==3.8.1
+    python benchmarks/mutation.py                  # every module in only_mutate
+    python benchmarks/mutation.py losses moex      # some of them
+    python benchmarks/mutation.py --report         # the table of the last runs, running nothing
+
+mutmut works in ``mutants/`` (a copy of the project; git-ignored) and keeps its results there, so
+``--report`` and ``python -m mutmut show NAME`` read the last runs.
+"""
+import argparse
+import collections
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mutmut_config(root: Path = ROOT) -> dict:
+    """The ``[tool.mutmut]`` table of pyproject.toml."""
+    return tomllib.loads((root / 'pyproject.toml').read_text())['tool']['mutmut']
+
+
+def configured_modules(config: dict) -> list:
+    """Dotted module names of the files in ``only_mutate`` (``timm_moex/losses.py`` -> ``timm_moex.losses``)."""
+    return [path[:-len('.py')].replace('/', '.') for path in config['only_mutate']]
+
+
+def parse_results(text: str) -> dict:
+    """{module: {mutant name: status}} from ``mutmut results --all true``."""
+    by_module = collections.defaultdict(dict)
+    for line in text.splitlines():
+        # functions are named MODULE.x_NAME__mutmut_N, methods MODULE.xǁCLASSǁNAME__mutmut_N
+        match = re.match(r'\s*((\S+?)\.x[ǁ_]\S*__mutmut_\d+):\s*(.+?)\s*$', line)
+        if match:
+            by_module[match.group(2)][match.group(1)] = match.group(3)
+    return by_module
+
+
+def table(by_module: dict, modules: list) -> str:
+    """Markdown rows: module, mutants, killed, survived, other, score (killed / checked).
+
+    mutmut makes the mutants of every configured module on its first run; those of a module
+    not run yet are 'not checked' and count in no column but their own note.
+    """
+    rows = ['| module | mutants | killed | survived | timeout / other | score |', '|---|---|---|---|---|---|']
+    for module in modules:
+        statuses = collections.Counter(by_module.get(module, {}).values())
+        unchecked = statuses.pop('not checked', 0)
+        total = sum(statuses.values())
+        if not total:
+            rows.append(f'| `{module}` | not run | | | | |')
+            continue
+        other = str(total - statuses['killed'] - statuses['survived'])
+        if unchecked:
+            other += f' (+{unchecked} not checked)'
+        rows.append(f"| `{module}` | {total} | {statuses['killed']} | {statuses['survived']} | {other} | "
+                    f"{100.0 * statuses['killed'] / total:.1f} % |")
+    return '\n'.join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('modules', nargs='*', help='short names (losses) or dotted ones; default: only_mutate')
+    parser.add_argument('--report', action='store_true', help='print the table of the last runs, run nothing')
+    parser.add_argument('--max-children', type=int, default=None,
+                        help='parallel mutant workers (default: mutmut takes the CPU count)')
+    args = parser.parse_args(argv)
+    configured = configured_modules(mutmut_config())
+    wanted = [m if m.startswith('timm_moex.') else f'timm_moex.{m}' for m in args.modules] or configured
+    unknown = [m for m in wanted if m not in configured]
+    if unknown:
+        parser.error(f'{", ".join(unknown)} not in [tool.mutmut] only_mutate of pyproject.toml: {", ".join(configured)}')
+    if not args.report:
+        for module in wanted:
+            cmd = [sys.executable, '-m', 'mutmut', 'run', f'{module}.*']
+            if args.max_children:
+                cmd += ['--max-children', str(args.max_children)]
+            log = ROOT / 'mutants' / f'{module}.log'
+            log.parent.mkdir(exist_ok=True)
+            print('$', shlex.join(cmd), f'> {log.relative_to(ROOT)}', flush=True)
+            start = time.monotonic()
+            with log.open('w') as out:
+                subprocess.run(cmd, cwd=ROOT, check=True, stdout=out, stderr=subprocess.STDOUT)
+            print(f'# {module}: {time.monotonic() - start:.0f} s wall', flush=True)
+    results = subprocess.run([sys.executable, '-m', 'mutmut', 'results', '--all', 'true'], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout
+    by_module = parse_results(results)
+    mutmut_version = subprocess.run([sys.executable, '-m', 'mutmut', '--version'], capture_output=True,
+                                    text=True).stdout.strip()
+    print(f'# {platform.platform()}, python {platform.python_version()}, torch {torch.__version__}, {mutmut_version}')
+    print(f'# command: python benchmarks/mutation.py {" ".join(args.modules)}'.rstrip())
+    print(table(by_module, wanted))
+    for module in wanted:
+        survived = sorted(n for n, s in by_module.get(module, {}).items() if s == 'survived')
+        if survived:
+            print(f'\nsurvived in {module}:', *survived, sep='\n  ')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
