@@ -11,11 +11,13 @@ ImageFolder copy of CIFAR-10; the arms differ only in their mixing keys:
 
 ``--arm-set`` picks other sets of arms (``ARM_SETS`` below): ``moex_sweep`` (MoEx's lam, prob, layer
 and norm; its CutMix + MoEx arms are compared with ``cutmix`` when both are in ``--arms``), ``automix``
-(Mixup, MoEx, AutoMix, AutoMix + MoEx) and ``label_noise``.
+(Mixup, MoEx, AutoMix, AutoMix + MoEx), ``style`` (baseline, MoEx, MixStyle, DSU, MoEx + MixStyle) and
+``label_noise``.
 
 It prints (and writes to OUT/results.md) the mean and std over seeds of the last-epoch and the
 best-epoch top-1 error, and each arm's last-epoch difference from the arm it adds to (CutMix for
-CutMix + MoEx, else the first arm) paired by seed; it plots test error against epoch
+CutMix + MoEx, else the first arm) paired by seed; with ``-- --eval-corruptions all`` also the mean
+error over the corruptions and severities and its paired difference; it plots test error against epoch
 (OUT/test_error.png, if matplotlib is installed). It asserts nothing about who wins.
 
     # GPU (the figures of the README):
@@ -26,6 +28,10 @@ CutMix + MoEx, else the first arm) paired by seed; it plots test error against e
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set label_noise --cpu-sized
     # MoEx's lam / prob / layer / norm around the paper's CIFAR values:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set moex_sweep --epochs 100 --parallel 7
+    # baseline / MoEx / MixStyle / DSU / MoEx + MixStyle, clean and corruption error:
+    python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set style --model resnet10t --epochs 10 \
+        --parallel 2 -- --train-limit 5000 --eval-limit 2000 --loader device --batch-size 128 --lr 0.1 \
+        --warmup-epochs 1 --eval-corruptions all --eval-corruptions-limit 1000
     # Mixup / MoEx / AutoMix / AutoMix + MoEx:
     python benchmarks/cifar10_arms.py --data-dir data/cifar10 --arm-set automix --cpu-sized
 
@@ -34,6 +40,7 @@ CutMix + MoEx, else the first arm) paired by seed; it plots test error against e
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import statistics
@@ -42,7 +49,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from timm_moex.train import atomic_write_text
 
@@ -77,6 +84,15 @@ ARM_SETS: Dict[str, Dict[str, List[str]]] = {
         'moex': ['--moex', 'true'],
         'automix': ['--moex', 'false', *_AUTOMIX],
         'automix_moex': ['--moex', 'true', *_AUTOMIX],
+    },
+    # the moment-based methods that keep the label (MixStyle, DSU) beside MoEx, for clean and corruption error
+    # (run with -- --eval-corruptions all).
+    'style': {
+        'baseline': ['--moex', 'false'],
+        'moex': ['--moex', 'true'],
+        'mixstyle': ['--moex', 'false', '--mixstyle', 'true'],
+        'dsu': ['--moex', 'false', '--dsu', 'true'],
+        'moex_mixstyle': ['--moex', 'true', '--mixstyle', 'true'],
     },
     # Cross-entropy against the bi-tempered loss under symmetric label noise (no MoEx).
     'label_noise': {
@@ -142,37 +158,83 @@ def reference_arm(arm: str, arms: List[str]) -> Optional[str]:
     return None if ref == arm else ref
 
 
+def last_top1_err(result: dict) -> float:
+    return result['last']['top1_err']
+
+
+def mean_corruption_error(result: dict) -> float:
+    """The run's top-1 error over every corruption and severity (``--eval-corruptions``); NaN without it."""
+    return result['corruptions']['mean_corruption_error'] if 'corruptions' in result else math.nan
+
+
+def paired_difference(runs: Dict[int, dict], ref_runs: Optional[Dict[int, dict]], ref: Optional[str],
+                      metric: Callable[[dict], float]) -> str:
+    """mean ± std over seeds of ``metric(run) - metric(the reference arm's run of the same seed)``;
+    '' for the reference arm itself."""
+    if ref is None:
+        return ''
+    differences = [metric(r) - metric(ref_runs[s]) for s, r in runs.items() if s in ref_runs]
+    return mean_std([d for d in differences if not math.isnan(d)], signed=True) + f' vs {ref}'
+
+
 def summarize(arms: List[str], seeds: List[int], outs: Dict[Tuple[str, int], Path]
               ) -> Tuple[List[str], Dict[str, List[List[float]]]]:
     """The results table (markdown lines) and each arm's test-error curves, over the finished runs.
 
     Besides mean ± std over seeds, each arm but the first gets the difference of its last-epoch
     error from its ``reference_arm``'s, paired seed by seed (one seed: the same initial weights and
-    data order), which separates an arm's effect from the spread between seeds.
+    data order), which separates an arm's effect from the spread between seeds. Runs evaluated on
+    corruptions add two columns: the mean corruption error and its paired difference.
     """
     results = {arm: {s: json.loads((outs[(arm, s)] / 'results.json').read_text())
                      for s in seeds if (outs[(arm, s)] / 'results.json').exists()} for arm in arms}
+    corrupted = any('corruptions' in r for runs in results.values() for r in runs.values())
     rows, curves = [], {}
     for arm in arms:
         runs = results[arm]
         curves[arm] = [curve(outs[(arm, s)]) for s in runs]
         ref = reference_arm(arm, arms)
-        paired = '' if ref is None else mean_std(
-            [r['last']['top1_err'] - results[ref][s]['last']['top1_err'] for s, r in runs.items() if s in results[ref]],
-            signed=True) + f' vs {ref}'
         rows.append([arm, str(len(runs)),
                      mean_std([r['last']['top1_err'] for r in runs.values()]),
                      mean_std([r['best']['top1_err'] for r in runs.values()]),
-                     paired,
+                     paired_difference(runs, results.get(ref), ref, last_top1_err),
                      mean_std([r['last']['top5_err'] for r in runs.values()]),
                      mean_std([r['last']['loss'] for r in runs.values() if 'loss' in r['last']]),
                      mean_std([r['last']['ece'] for r in runs.values() if 'ece' in r['last']]),
                      mean_std([r['last']['train_loss'] for r in runs.values()])])
+        if corrupted:
+            rows[-1] += [mean_std([mean_corruption_error(r) for r in runs.values() if 'corruptions' in r]),
+                         paired_difference(runs, results.get(ref), ref, mean_corruption_error)]
     table = ['| arm | runs | last-epoch top-1 err (%) | best-epoch top-1 err (%) | last-epoch difference, paired by '
-             'seed | last top-5 err (%) | last test NLL | last ECE (%) | last train loss |',
-             '|---|---|---|---|---|---|---|---|---|']
+             'seed | last top-5 err (%) | last test NLL | last ECE (%) | last train loss |'
+             + (' mean corruption err (%) | its difference, paired by seed |' if corrupted else ''),
+             '|---|---|---|---|---|---|---|---|---|' + ('---|---|' if corrupted else '')]
     table += ['| ' + ' | '.join(r) + ' |' for r in rows]
     return table, curves
+
+
+def corruption_table(arms: List[str], seeds: List[int], outs: Dict[Tuple[str, int], Path]) -> List[str]:
+    """Markdown lines: one row per corruption (then 'clean' on the same images), one column per arm,
+    each cell the mean over seeds of the run's error averaged over severities, and the gap between
+    the mean corruption error and the clean error; [] when no run has a corruption evaluation."""
+    found = {arm: [json.loads((outs[(arm, s)] / 'results.json').read_text()).get('corruptions')
+                   for s in seeds if (outs[(arm, s)] / 'results.json').exists()] for arm in arms}
+    found = {arm: [r for r in runs if r] for arm, runs in found.items()}
+    names = next((r['corruptions'] for runs in found.values() for r in runs), None)
+    if names is None:
+        return []
+
+    def cell(arm: str, value: Callable[[dict], float]) -> str:
+        return f'{statistics.mean(value(r) for r in found[arm]):.2f}' if found[arm] else 'n/a'
+
+    lines = ['| corruption | ' + ' | '.join(arms) + ' |', '|---' * (len(arms) + 1) + '|']
+    for name in names:
+        lines.append(f'| {name} | ' + ' | '.join(cell(a, lambda r: r['mean_top1_err'][name]) for a in arms) + ' |')
+    lines.append('| mean | ' + ' | '.join(cell(a, lambda r: r['mean_corruption_error']) for a in arms) + ' |')
+    lines.append('| clean (same images) | ' + ' | '.join(cell(a, lambda r: r['clean_top1_err']) for a in arms) + ' |')
+    lines.append('| mean - clean | ' + ' | '.join(
+        cell(a, lambda r: r['mean_corruption_error'] - r['clean_top1_err']) for a in arms) + ' |')
+    return lines
 
 
 def main() -> None:
@@ -183,7 +245,8 @@ def main() -> None:
     parser.add_argument('--arm-set', default='moex', choices=list(ARM_SETS),
                         help="'moex': baseline / MoEx / CutMix / CutMix + MoEx; 'label_noise': cross-entropy against "
                              'the bi-tempered loss (t1 0.8, t2 1.2) at 20%% and 40%% symmetric label noise; '
-                             "'automix': Mixup (alpha 1) / MoEx / AutoMix / AutoMix + MoEx; 'moex_sweep': MoEx's lam, "
+                             "'automix': Mixup (alpha 1) / MoEx / AutoMix / AutoMix + MoEx; 'style': baseline / MoEx / "
+                             "MixStyle / DSU / MoEx + MixStyle; 'moex_sweep': MoEx's lam, "
                              'prob, layer and norm around the paper\'s CIFAR values')
     parser.add_argument('--arms', nargs='+', default=None, choices=list(ARMS), help='default: every arm of the set')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
@@ -220,6 +283,9 @@ def main() -> None:
     elapsed = time.perf_counter() - start
 
     table, curves = summarize(args.arms, args.seeds, outs)
+    per_corruption = corruption_table(args.arms, args.seeds, outs)
+    if per_corruption:
+        table += ['', 'Top-1 error (%) per corruption, the mean over severities, then over seeds:', ''] + per_corruption
     text = '\n'.join(header + [f'wall time {elapsed:.0f} s, {args.parallel} run(s) at a time', ''] + table) + '\n'
     print('\n'.join(table))
     atomic_write_text(args.out / 'results.md', text)

@@ -25,6 +25,7 @@ def test_unknown_step_is_named_with_the_known_ones(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow  # runs the shell script, which starts python twice
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal without a GPU')
 def test_without_cuda_it_stops_before_any_step(tmp_path):
     proc = run(tmp_path, 'moex-op')

@@ -20,6 +20,8 @@ if DEVICE.type == 'cpu' and not kernels.interpreted():
     pytest.skip('no GPU, and Triton was imported before TRITON_INTERPRET=1 was set', allow_module_level=True)
 
 
+# Without a GPU the kernels run in Triton's Python interpreter: the op-level checks take seconds there.
+slow_when_interpreted = pytest.mark.slow if DEVICE.type == 'cpu' else (lambda test: test)
 PERM = torch.tensor([2, 0, 3, 1, 1], device=DEVICE)  # sample 1 is the donor of two samples, sample 4 of none
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4),
        torch.float16: dict(rtol=5e-3, atol=1e-2), torch.bfloat16: dict(rtol=2e-2, atol=7e-2)}
@@ -45,6 +47,7 @@ def features(shape, dtype, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+@slow_when_interpreted
 @pytest.mark.parametrize('dtype', list(TOL))
 @pytest.mark.parametrize('layout', ['nchw', 'channels_last', 'nhwc', 'tokens', 'ncdhw'])
 def test_pono_equals_pytorch_ops(layout, dtype):
@@ -57,6 +60,7 @@ def test_pono_equals_pytorch_ops(layout, dtype):
     torch.testing.assert_close(grad, expected_grad, **TOL[dtype])
 
 
+@slow_when_interpreted
 @pytest.mark.parametrize('norm', ['gpono2', 'gpono4'])
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_grouped_pono_equals_pytorch_ops(norm, channels_last):
@@ -85,6 +89,7 @@ def test_detach_equals_pytorch_ops():
     assert not torch.allclose(grad, full_grad), 'detach must drop the gradient through the donor moments'
 
 
+@slow_when_interpreted
 @pytest.mark.parametrize('norm', ['pono', 'gpono2'])
 def test_gradcheck(norm):
     x = torch.randn(3, 4, 3, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)

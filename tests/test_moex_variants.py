@@ -22,6 +22,8 @@ SMALL = {
     'pyramidnet110_a48_moex': (dict(num_classes=100), 32, 'bn1'),
     'resnet18_cifar_moex': (dict(num_classes=10), 32, 'act1'),
 }
+# DenseNet-121 takes a second or more per test on the CPU: outside the fast subset
+SMALL_PARAMS = [pytest.param(name, marks=pytest.mark.slow) if name == 'densenet121_moex' else name for name in SMALL]
 
 
 def test_every_listed_model_has_a_variant():
@@ -52,7 +54,7 @@ def test_the_paper_call():
     assert sum(p.numel() for p in model.parameters()) == 26_844_952
 
 
-@pytest.mark.parametrize('variant', SMALL)
+@pytest.mark.parametrize('variant', SMALL_PARAMS)
 def test_variant_in_eval_equals_its_base_and_exchanges_in_training(variant):
     kwargs, size, layer = SMALL[variant]
     base = timm.create_model(variant[:-len('_moex')], **kwargs)
@@ -139,7 +141,7 @@ def _base_and_variant(variant, **kwargs):
 
 
 @pytest.mark.parametrize('feature_cls', [None, 'getter'], ids=['list', 'getter'])
-@pytest.mark.parametrize('variant', SMALL)
+@pytest.mark.parametrize('variant', SMALL_PARAMS)
 def test_features_only_variant_exchanges_at_the_stem_in_training_only(variant, feature_cls):
     _, size, _ = SMALL[variant]
     kwargs = dict(features_only=True, feature_cls=feature_cls) if feature_cls else dict(features_only=True)
@@ -200,6 +202,7 @@ def test_feature_wrapper_layer_finds_the_module_under_each_wrapper():
 
 # ---- export: strip_moex returns the plain model ----
 
+@pytest.mark.slow  # TorchScript, FX and torch.export of whole models
 @pytest.mark.parametrize('variant', ['pyramidnet110_a48_moex', 'resnet18_cifar_moex'])
 def test_strip_moex_gives_a_model_that_scripts_traces_and_exports(variant):
     kwargs, size, _ = SMALL[variant]

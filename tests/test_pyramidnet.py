@@ -20,6 +20,8 @@ CIFAR_MODELS = {  # name -> (alpha, bottleneck)
     'pyramidnet272_a200': (200, True),
 }
 IMAGENET_MODELS = {'pyramidnet101_a360': 360, 'pyramidnet200_a300': 300}
+# the full-size builds beyond PyramidNet-110 (alpha 48) are outside the fast subset
+FULL_SIZE = pytest.mark.slow
 # reduced models for the forward / training tests, built through the registered entrypoints
 SMALL_CIFAR = dict(layers=(2, 2, 2))
 SMALL_IMAGENET = dict(layers=(1, 1, 1, 1))
@@ -51,12 +53,14 @@ def top_level_matches(model: nn.Module, pattern: str):
 
 # ---------------------------------------------------------------- architecture and registry
 
-@pytest.mark.parametrize('name, count', [('pyramidnet200_a240', 26_844_952), ('pyramidnet110_a48', 1_778_556)])
+@pytest.mark.parametrize('name, count', [pytest.param('pyramidnet200_a240', 26_844_952, marks=FULL_SIZE),
+                                         ('pyramidnet110_a48', 1_778_556)])
 def test_parameter_parity_with_reference(name, count):
     assert num_params(timm.create_model(name, num_classes=100)) == count
 
 
-@pytest.mark.parametrize('name', CIFAR_MODELS)
+@pytest.mark.parametrize('name', [n if n == 'pyramidnet110_a48' else pytest.param(n, marks=FULL_SIZE)
+                                  for n in CIFAR_MODELS])
 def test_cifar_variant_builds_with_final_width(name):
     alpha, bottleneck = CIFAR_MODELS[name]
     model = timm.create_model(name)
@@ -73,6 +77,7 @@ def test_cifar_variant_builds_with_final_width(name):
     assert out_chs == sorted(out_chs)
 
 
+@FULL_SIZE
 @pytest.mark.parametrize('name', IMAGENET_MODELS)
 def test_imagenet_variant_builds_with_final_width(name):
     model = timm.create_model(name)
@@ -104,6 +109,7 @@ def test_downsampling_blocks_and_strides():
     assert all(not isinstance(m, nn.Conv2d) or m.bias is None for m in model.modules())
 
 
+@FULL_SIZE
 def test_pyramidnet200_is_the_a240_architecture():
     short, full = timm.create_model('pyramidnet200'), timm.create_model('pyramidnet200_a240')
     assert num_params(short) == num_params(full)

@@ -212,6 +212,21 @@ def test_bad_arguments_are_refused():
         mix_moments(torch.randn(2, 4, 1, 1), torch.tensor([1, 0]), torch.ones(2))
 
 
+def test_errors_name_the_operation_and_the_argument():
+    x, perm = torch.randn(2, 4, 3, 3), torch.tensor([1, 0])
+    for weight in (0.5, torch.ones(2, dtype=torch.int64), torch.ones(2, 1)):  # a number, integers, a wrong shape
+        with pytest.raises(ValueError, match=r'^weight must be a floating tensor of shape \(2,\), one per sample'):
+            mix_moments(x, perm, weight)
+    with pytest.raises(ValueError, match=r'^mix_moments needs a batched tensor'):
+        mix_moments(torch.randn(4), perm, torch.ones(2))
+    with pytest.raises(ValueError, match=r'^perturb_moments needs a batched tensor'):
+        perturb_moments(torch.randn(4), torch.zeros(2, 4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"^noise_mean must be a tensor of shape \(2, 4\) \(moment_shape\(x, 'in'\)\)"):
+        perturb_moments(x, torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r'^noise_std must be a tensor'):
+        perturb_moments(x, torch.zeros(2, 4), [0.0] * 8)
+
+
 # ---------------------------------------------------------------- the hooks
 
 def make(name='resnet18', size=64, seed=0, **kwargs):
