@@ -81,6 +81,16 @@ def test_draw_perm_tosses_then_pairs(hook):
     assert flip.tolist() == [4, 3, 2, 1, 0] and torch.equal(draw_pairing('flip', 5, torch.device('cpu')), flip)
 
 
+@pytest.mark.parametrize('pairing', ['random', 'flip'])
+def test_the_pairing_lives_on_the_device_asked_for(hook, pairing):
+    # the meta device stands in for a GPU: a pairing made on the default device would show up here
+    meta = torch.device('meta')
+    assert draw_pairing(pairing, 4, meta).device == meta
+    assert MoExMixing(hook, prob=1.0, pairing=pairing).draw_perm(4, meta, training=True).device == meta
+    task = MoExClassificationTask(hook._model, prob=1.0, pairing=pairing, verbose=False).train()
+    assert task.draw_perm(4, meta).device == meta
+
+
 def test_arm_arms_the_hook_for_one_forward(hook):
     perm = torch.tensor([1, 0])
     MoExMixing(hook).arm(perm)
@@ -120,6 +130,15 @@ def test_deprecated_arguments_warn_at_the_callers_line(hook):
     assert (task.moex.prob, task.moex.lam) == (0.3, 0.9)
     assert record[0].filename == __file__  # the line that built the task, not the package's
     assert 'moex=MoExMixing(hook, prob=0.3, lam=0.9) instead' in str(record[0].message)
+
+
+def test_deprecated_arguments_keep_their_old_defaults(hook):
+    with pytest.warns(DeprecationWarning):
+        moex = resolve_moex_argument('Task', None, hook)
+    assert (moex.hook, moex.prob, moex.lam, moex.pairing) == (hook, 0.25, 0.5, 'random')
+    with pytest.warns(DeprecationWarning):
+        moex = resolve_moex_argument('Task', None, hook, moex_lam=0.7, legacy_lam=0.9, pairing='flip')
+    assert (moex.prob, moex.lam, moex.pairing) == (0.25, 0.7, 'flip')
 
 
 def test_deprecated_arguments_are_checked_under_their_names(hook):

@@ -128,9 +128,10 @@ def test_task_with_prob_zero_is_the_plain_task():
     task = MoExClassificationTask(model, prob=0.0, criterion_kwargs=dict(smoothing=0.1), verbose=False).train()
     plain = ClassificationTask(model, criterion_kwargs=dict(smoothing=0.1), verbose=False).train()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
-    result = task(x, y)
-    assert result['moex'] is False and 'perm' not in result
-    torch.testing.assert_close(result['loss'], plain(x, y)['loss'])
+    result, expected = task(x, y), plain(x, y)
+    assert sorted(result) == ['loss', 'moex', 'output'] and result['moex'] is False
+    torch.testing.assert_close(result['loss'], expected['loss'])
+    torch.testing.assert_close(result['output'], expected['output'])  # what timm's train.py reads for accuracy
 
 
 def test_task_never_applies_moex_in_eval():
@@ -191,8 +192,39 @@ def test_task_refuses_bad_prob_and_lam(kwargs, match):
 
 
 def test_task_needs_a_hook():
-    with pytest.raises(ValueError, match='no MoEx hook'):
+    with pytest.raises(ValueError, match=r'^ResNet has no MoEx hook: create a \*_moex model, call '
+                                         r'timm_moex.attach_moex\(model\) before building the task, or pass hook=$'):
         MoExClassificationTask(timm.create_model('resnet18', num_classes=5), verbose=False)
+
+
+def test_task_passes_criterion_device_and_dtype_to_timms_task():
+    criterion = SoftTargetCrossEntropy()
+    task = MoExClassificationTask(small_model(), criterion=criterion, device=torch.device('cpu'), dtype=torch.float64,
+                                  verbose=False)
+    assert task.criterion is criterion
+    assert task.device == torch.device('cpu') and task.dtype == torch.float64  # timm's task keeps them
+    other = MoExClassificationTask(small_model(), device=torch.device('meta'), verbose=False)
+    assert other.device == torch.device('meta')
+
+
+def test_task_takes_the_hook_it_is_given():
+    hooked = small_model()
+    hook = get_moex_hook(hooked)
+    plain = timm.create_model('resnet18', num_classes=5)
+    assert get_moex_hook(plain) is None
+    task = MoExClassificationTask(plain, hook=hook, verbose=False)
+    assert task.hook is hook and task.moex.hook is hook
+
+
+def test_task_logs_its_settings_by_default(caplog):
+    with caplog.at_level('INFO', logger='timm_moex.tasks'):
+        MoExClassificationTask(small_model(), prob=0.25, lam=0.9)
+    assert any(r.getMessage().startswith('MoExClassificationTask: MoExMixing(') and 'prob=0.25' in r.getMessage()
+               and 'lam=0.9' in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level('INFO', logger='timm_moex.tasks'):
+        MoExClassificationTask(small_model(), verbose=False)
+    assert not any(r.getMessage().startswith('MoExClassificationTask:') for r in caplog.records)
 
 
 # ---- DDP: two gloo processes on the CPU ----
