@@ -167,27 +167,32 @@ def mean_corruption_error(result: dict) -> float:
     return result['corruptions']['mean_corruption_error'] if 'corruptions' in result else math.nan
 
 
-def paired_difference(runs: Dict[int, dict], ref_runs: Optional[Dict[int, dict]], ref: Optional[str],
+def paired_difference(runs: Dict[int, dict], results: Dict[str, Dict[int, dict]], ref: Optional[str],
                       metric: Callable[[dict], float]) -> str:
-    """mean ± std over seeds of ``metric(run) - metric(the reference arm's run of the same seed)``;
-    '' for the reference arm itself."""
+    """mean ± std over seeds of ``metric(run) - metric(the run of arm ref with the same seed)``;
+    '' for the reference arm itself (``ref`` None)."""
     if ref is None:
         return ''
-    differences = [metric(r) - metric(ref_runs[s]) for s, r in runs.items() if s in ref_runs]
+    differences = [metric(r) - metric(results[ref][s]) for s, r in runs.items() if s in results[ref]]
     return mean_std([d for d in differences if not math.isnan(d)], signed=True) + f' vs {ref}'
 
 
-def summarize(arms: List[str], seeds: List[int], outs: Dict[Tuple[str, int], Path]
+def load_results(arms: List[str], seeds: List[int], outs: Dict[Tuple[str, int], Path]) -> Dict[str, Dict[int, dict]]:
+    """{arm: {seed: results.json}} of the finished runs (those with a results.json)."""
+    return {arm: {s: json.loads((outs[(arm, s)] / 'results.json').read_text())
+                  for s in seeds if (outs[(arm, s)] / 'results.json').exists()} for arm in arms}
+
+
+def summarize(arms: List[str], results: Dict[str, Dict[int, dict]], outs: Dict[Tuple[str, int], Path]
               ) -> Tuple[List[str], Dict[str, List[List[float]]]]:
-    """The results table (markdown lines) and each arm's test-error curves, over the finished runs.
+    """The results table (markdown lines) and each arm's test-error curves, over the finished runs
+    (``results``: :func:`load_results`).
 
     Besides mean ± std over seeds, each arm but the first gets the difference of its last-epoch
     error from its ``reference_arm``'s, paired seed by seed (one seed: the same initial weights and
     data order), which separates an arm's effect from the spread between seeds. Runs evaluated on
     corruptions add two columns: the mean corruption error and its paired difference.
     """
-    results = {arm: {s: json.loads((outs[(arm, s)] / 'results.json').read_text())
-                     for s in seeds if (outs[(arm, s)] / 'results.json').exists()} for arm in arms}
     corrupted = any('corruptions' in r for runs in results.values() for r in runs.values())
     rows, curves = [], {}
     for arm in arms:
@@ -197,14 +202,14 @@ def summarize(arms: List[str], seeds: List[int], outs: Dict[Tuple[str, int], Pat
         rows.append([arm, str(len(runs)),
                      mean_std([r['last']['top1_err'] for r in runs.values()]),
                      mean_std([r['best']['top1_err'] for r in runs.values()]),
-                     paired_difference(runs, results.get(ref), ref, last_top1_err),
+                     paired_difference(runs, results, ref, last_top1_err),
                      mean_std([r['last']['top5_err'] for r in runs.values()]),
                      mean_std([r['last']['loss'] for r in runs.values() if 'loss' in r['last']]),
                      mean_std([r['last']['ece'] for r in runs.values() if 'ece' in r['last']]),
                      mean_std([r['last']['train_loss'] for r in runs.values()])])
         if corrupted:
             rows[-1] += [mean_std([mean_corruption_error(r) for r in runs.values() if 'corruptions' in r]),
-                         paired_difference(runs, results.get(ref), ref, mean_corruption_error)]
+                         paired_difference(runs, results, ref, mean_corruption_error)]
     table = ['| arm | runs | last-epoch top-1 err (%) | best-epoch top-1 err (%) | last-epoch difference, paired by '
              'seed | last top-5 err (%) | last test NLL | last ECE (%) | last train loss |'
              + (' mean corruption err (%) | its difference, paired by seed |' if corrupted else ''),
@@ -213,13 +218,11 @@ def summarize(arms: List[str], seeds: List[int], outs: Dict[Tuple[str, int], Pat
     return table, curves
 
 
-def corruption_table(arms: List[str], seeds: List[int], outs: Dict[Tuple[str, int], Path]) -> List[str]:
+def corruption_table(arms: List[str], results: Dict[str, Dict[int, dict]]) -> List[str]:
     """Markdown lines: one row per corruption (then 'clean' on the same images), one column per arm,
     each cell the mean over seeds of the run's error averaged over severities, and the gap between
     the mean corruption error and the clean error; [] when no run has a corruption evaluation."""
-    found = {arm: [json.loads((outs[(arm, s)] / 'results.json').read_text()).get('corruptions')
-                   for s in seeds if (outs[(arm, s)] / 'results.json').exists()] for arm in arms}
-    found = {arm: [r for r in runs if r] for arm, runs in found.items()}
+    found = {arm: [r['corruptions'] for r in results[arm].values() if 'corruptions' in r] for arm in arms}
     names = next((r['corruptions'] for runs in found.values() for r in runs), None)
     if names is None:
         return []
@@ -282,8 +285,9 @@ def main() -> None:
         outs = dict(zip(jobs, pool.map(lambda job: run_one(args, *job), jobs)))
     elapsed = time.perf_counter() - start
 
-    table, curves = summarize(args.arms, args.seeds, outs)
-    per_corruption = corruption_table(args.arms, args.seeds, outs)
+    results = load_results(args.arms, args.seeds, outs)
+    table, curves = summarize(args.arms, results, outs)
+    per_corruption = corruption_table(args.arms, results)
     if per_corruption:
         table += ['', 'Top-1 error (%) per corruption, the mean over severities, then over seeds:', ''] + per_corruption
     text = '\n'.join(header + [f'wall time {elapsed:.0f} s, {args.parallel} run(s) at a time', ''] + table) + '\n'

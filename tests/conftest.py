@@ -1,6 +1,8 @@
 """Fixtures of the training-script tests: a tiny generated ImageFolder and a run helper."""
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -15,6 +17,19 @@ from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / 'benchmarks' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+
+def slow_cases(names, slow) -> list:
+    """``names`` as parametrize values, those in ``slow`` marked slow (outside the fast subset)."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in names]
 
 def make_image_folder(root: Path, classes=('a', 'b'), train_per_class=16, test_per_class=9, size=32, seed=0):
     """train/<class>/*.png and test/<class>/*.png; class k is brighter in channel k, so it is learnable."""

@@ -1,19 +1,15 @@
 """The results table and plot of benchmarks/cifar10_arms.py, on made-up finished runs (no training)."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope='module')
 def arms():
-    spec = importlib.util.spec_from_file_location('cifar10_arms', ROOT / 'benchmarks' / 'cifar10_arms.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('cifar10_arms')
 
 
 def fake_run(out: Path, curve, train_loss=0.5, corruption_error=None):
@@ -55,7 +51,8 @@ def test_summarize_pairs_differences_by_seed(arms, tmp_path):
     for (arm, seed), final in finals.items():
         outs[(arm, seed)] = fake_run(tmp_path / f'{arm}-seed{seed}', [60.0, final - 1.0, final])
     outs[('cutmix_moex', 1)] = tmp_path / 'cutmix_moex-seed1'  # no results.json: left out
-    table, curves = arms.summarize(['baseline', 'moex', 'cutmix', 'cutmix_moex'], [0, 1], outs)
+    names = ['baseline', 'moex', 'cutmix', 'cutmix_moex']
+    table, curves = arms.summarize(names, arms.load_results(names, [0, 1], outs), outs)
 
     rows = {line.split(' | ')[0].lstrip('| '): line.split(' | ') for line in table[2:]}
     assert rows['baseline'][1:5] == ['2', '31.00 ± 1.41', '30.00 ± 1.41', '']
@@ -73,7 +70,8 @@ def test_summarize_adds_the_mean_corruption_error_and_its_paired_difference(arms
     outs = {key: fake_run(tmp_path / f'{key[0]}-seed{key[1]}', [60.0, 30.0], corruption_error=error)
             for key, error in errors.items()}
     outs[('dsu', 1)] = fake_run(tmp_path / 'dsu-seed1', [60.0, 30.0])
-    table, _ = arms.summarize(['baseline', 'mixstyle', 'dsu'], [0, 1], outs)
+    names = ['baseline', 'mixstyle', 'dsu']
+    table, _ = arms.summarize(names, arms.load_results(names, [0, 1], outs), outs)
 
     cells = [[cell.strip() for cell in line[1:-1].split('|')] for line in table]
     assert cells[0][-2:] == ['mean corruption err (%)', 'its difference, paired by seed']
@@ -94,12 +92,12 @@ def test_corruption_table_has_a_row_per_corruption_and_a_column_per_arm(arms, tm
 
     outs = {('baseline', 0): corrupted_run('b0', 40.0, 50.0), ('baseline', 1): corrupted_run('b1', 44.0, 52.0),
             ('dsu', 0): corrupted_run('d0', 38.0, 47.0), ('dsu', 1): tmp_path / 'unfinished'}
-    lines = arms.corruption_table(['baseline', 'dsu'], [0, 1], outs)
+    lines = arms.corruption_table(['baseline', 'dsu'], arms.load_results(['baseline', 'dsu'], [0, 1], outs))
     assert lines[0] == '| corruption | baseline | dsu |' and lines[1] == '|---|---|---|'
     assert lines[2:] == ['| fog | 42.00 | 38.00 |', '| blur | 51.00 | 47.00 |', '| mean | 46.50 | 42.50 |',
                          '| clean (same images) | 30.00 | 30.00 |', '| mean - clean | 16.50 | 12.50 |']
     plain = {('baseline', 0): fake_run(tmp_path / 'plain', [60.0, 30.0])}
-    assert arms.corruption_table(['baseline'], [0], plain) == []
+    assert arms.corruption_table(['baseline'], arms.load_results(['baseline'], [0], plain)) == []
 
 
 def test_plot_writes_a_png_and_leaves_no_temporary(arms, tmp_path):

@@ -6,6 +6,8 @@ import torch
 
 from timm_moex import attach_moex, get_moex_hook, moment_exchange, resolve_moex_layer
 
+from conftest import slow_cases
+
 # (timm model, kwargs that keep it small and fast on CPU, input size, the stem output module of that family)
 MODELS = {
     'resnet18': (dict(num_classes=10), 32, 'maxpool'),
@@ -18,8 +20,7 @@ MODELS = {
     'vit_tiny_patch16_224': (dict(num_classes=10, img_size=32, patch_size=8), 32, 'norm_pre'),
 }
 # the families whose full-size models take a second per test on the CPU: outside the fast subset
-MODEL_PARAMS = [pytest.param(name, marks=pytest.mark.slow) if name in ('efficientnet_b0', 'densenet121') else name
-                for name in MODELS]
+MODEL_PARAMS = slow_cases(MODELS, ('efficientnet_b0', 'densenet121'))
 
 
 def make(name, seed=0):

@@ -9,6 +9,8 @@ import timm_moex
 from timm_moex import get_moex_hook
 from timm_moex.models.moex_variants import MOEX_BASE_MODELS
 
+from conftest import slow_cases
+
 REQUIRED = ['resnet18', 'resnet50', 'resnet101', 'resnext50_32x4d', 'wide_resnet50_2', 'densenet121', 'densenet201',
             'convnext_tiny', 'efficientnet_b0', 'vit_small_patch16_224', 'pyramidnet200', 'pyramidnet200_a240',
             'pyramidnet110_a48', 'pyramidnet110_a270', 'pyramidnet164_a270', 'pyramidnet236_a220',
@@ -23,7 +25,7 @@ SMALL = {
     'resnet18_cifar_moex': (dict(num_classes=10), 32, 'act1'),
 }
 # DenseNet-121 takes a second or more per test on the CPU: outside the fast subset
-SMALL_PARAMS = [pytest.param(name, marks=pytest.mark.slow) if name == 'densenet121_moex' else name for name in SMALL]
+SMALL_PARAMS = slow_cases(SMALL, ('densenet121_moex',))
 
 
 def test_every_listed_model_has_a_variant():

@@ -1,7 +1,6 @@
 """The mutation-testing setup stays valid: ``[tool.mutmut]`` of pyproject.toml names files that exist,
 mutates library modules only, docs/mutation.md reports exactly those modules, and the driver
 benchmarks/mutation.py reads mutmut's results correctly. Nothing here runs mutmut."""
-import importlib.util
 import json
 import re
 import subprocess
@@ -9,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_benchmark
 
 tomllib = pytest.importorskip('tomllib')
 
@@ -24,10 +23,7 @@ def config():
 
 @pytest.fixture(scope='module')
 def driver():
-    spec = importlib.util.spec_from_file_location('mutation_driver', ROOT / 'benchmarks' / 'mutation.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('mutation')
 
 
 def module_names(config):

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import timm_moex.models.pyramidnet as pyramidnet  # registers the models
 from timm_moex.models.pyramidnet import PyramidBasicBlock, PyramidBottleneck, ShakeDrop
 
+from conftest import slow_cases
+
 CIFAR_MODELS = {  # name -> (alpha, bottleneck)
     'pyramidnet110_a48': (48, False),
     'pyramidnet110_a270': (270, False),
@@ -59,8 +61,7 @@ def test_parameter_parity_with_reference(name, count):
     assert num_params(timm.create_model(name, num_classes=100)) == count
 
 
-@pytest.mark.parametrize('name', [n if n == 'pyramidnet110_a48' else pytest.param(n, marks=FULL_SIZE)
-                                  for n in CIFAR_MODELS])
+@pytest.mark.parametrize('name', slow_cases(CIFAR_MODELS, set(CIFAR_MODELS) - {'pyramidnet110_a48'}))
 def test_cifar_variant_builds_with_final_width(name):
     alpha, bottleneck = CIFAR_MODELS[name]
     model = timm.create_model(name)
