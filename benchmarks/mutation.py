@@ -16,6 +16,7 @@ mutmut works in ``mutants/`` (a copy of the project; git-ignored) and keeps its 
 """
 import argparse
 import collections
+import os
 import platform
 import re
 import shlex
@@ -51,25 +52,34 @@ def parse_results(text: str) -> dict:
     return by_module
 
 
-def table(by_module: dict, modules: list) -> str:
-    """Markdown rows: module, mutants, killed, survived, other, score (killed / checked).
+def mutmut_results() -> dict:
+    """{module: {mutant name: status}} of every mutant mutmut knows, from its files in ``mutants/``."""
+    return parse_results(subprocess.run([sys.executable, '-m', 'mutmut', 'results', '--all', 'true'], cwd=ROOT,
+                                        check=True, capture_output=True, text=True).stdout)
 
-    mutmut makes the mutants of every configured module on its first run; those of a module
-    not run yet are 'not checked' and count in no column but their own note.
+
+def table(by_module: dict, modules: list) -> str:
+    """Markdown rows: module, mutants, killed, timeout, survived, other, score.
+
+    A mutant that makes a test hang (timeout) is caught as surely as one that makes a test fail, so
+    the score is (killed + timeout) / checked, as mutmut's own badge counts it. mutmut makes the
+    mutants of every configured module on its first run; those of a module not run yet are 'not
+    checked' and count in no column but their own note.
     """
-    rows = ['| module | mutants | killed | survived | timeout / other | score |', '|---|---|---|---|---|---|']
+    rows = ['| module | mutants | killed | timeout | survived | other | score |', '|---|---|---|---|---|---|---|']
     for module in modules:
         statuses = collections.Counter(by_module.get(module, {}).values())
         unchecked = statuses.pop('not checked', 0)
         total = sum(statuses.values())
         if not total:
-            rows.append(f'| `{module}` | not run | | | | |')
+            rows.append(f'| `{module}` | not run | | | | | |')
             continue
-        other = str(total - statuses['killed'] - statuses['survived'])
+        caught = statuses['killed'] + statuses['timeout']
+        other = str(total - caught - statuses['survived'])
         if unchecked:
             other += f' (+{unchecked} not checked)'
-        rows.append(f"| `{module}` | {total} | {statuses['killed']} | {statuses['survived']} | {other} | "
-                    f"{100.0 * statuses['killed'] / total:.1f} % |")
+        rows.append(f"| `{module}` | {total} | {statuses['killed']} | {statuses['timeout']} | {statuses['survived']} | "
+                    f"{other} | {100.0 * caught / total:.1f} % |")
     return '\n'.join(rows)
 
 
@@ -79,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument('--report', action='store_true', help='print the table of the last runs, run nothing')
     parser.add_argument('--max-children', type=int, default=None,
                         help='parallel mutant workers (default: mutmut takes the CPU count)')
+    parser.add_argument('--survivors', action='store_true',
+                        help="re-run only the survivors of each module's last run (after writing tests for them)")
     args = parser.parse_args(argv)
     configured = configured_modules(mutmut_config())
     wanted = [m if m.startswith('timm_moex.') else f'timm_moex.{m}' for m in args.modules] or configured
@@ -86,24 +98,35 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f'{", ".join(unknown)} not in [tool.mutmut] only_mutate of pyproject.toml: {", ".join(configured)}')
     if not args.report:
+        # one torch thread per mutant worker: more would only fight over the same cores
+        children = args.max_children or os.cpu_count() or 1
+        env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // children))}
+        previous = mutmut_results() if args.survivors else {}
         for module in wanted:
-            cmd = [sys.executable, '-m', 'mutmut', 'run', f'{module}.*']
+            # a name pattern re-runs every mutant it matches, whatever its last result; a mutant that no test
+            # reached survives as surely as one that every test passed
+            names = sorted(n for n, s in previous.get(module, {}).items() if s in ('survived', 'no tests')) \
+                if args.survivors else [f'{module}.*']
+            if not names:
+                print(f'# {module}: no survivors to re-run', flush=True)
+                continue
+            cmd = [sys.executable, '-m', 'mutmut', 'run', *names]
             if args.max_children:
                 cmd += ['--max-children', str(args.max_children)]
             log = ROOT / 'mutants' / f'{module}.log'
             log.parent.mkdir(exist_ok=True)
-            print('$', shlex.join(cmd), f'> {log.relative_to(ROOT)}', flush=True)
+            shown = f'<the {len(names)} survivors of {module}>' if args.survivors else shlex.quote(names[0])
+            print('$', shlex.join(cmd[:4]), shown, shlex.join(cmd[4 + len(names):]), f'> {log.relative_to(ROOT)}',
+                  flush=True)
             start = time.monotonic()
             with log.open('w') as out:
-                subprocess.run(cmd, cwd=ROOT, check=True, stdout=out, stderr=subprocess.STDOUT)
+                subprocess.run(cmd, cwd=ROOT, check=True, stdout=out, stderr=subprocess.STDOUT, env=env)
             print(f'# {module}: {time.monotonic() - start:.0f} s wall', flush=True)
-    results = subprocess.run([sys.executable, '-m', 'mutmut', 'results', '--all', 'true'], cwd=ROOT, check=True,
-                             capture_output=True, text=True).stdout
-    by_module = parse_results(results)
+    by_module = mutmut_results()
     mutmut_version = subprocess.run([sys.executable, '-m', 'mutmut', '--version'], capture_output=True,
                                     text=True).stdout.strip()
     print(f'# {platform.platform()}, python {platform.python_version()}, torch {torch.__version__}, {mutmut_version}')
-    print(f'# command: python benchmarks/mutation.py {" ".join(args.modules)}'.rstrip())
+    print(f'# command: python benchmarks/mutation.py {shlex.join(sys.argv[1:] if argv is None else argv)}'.rstrip())
     print(table(by_module, wanted))
     for module in wanted:
         survived = sorted(n for n, s in by_module.get(module, {}).items() if s == 'survived')

@@ -1,5 +1,7 @@
 """Fixtures of the training-script tests: a tiny generated ImageFolder and a run helper."""
+import gc
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from types import ModuleType
@@ -13,9 +15,21 @@ if not torch.cuda.is_available():
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_finish(session):
+    """Under mutmut (benchmarks/mutation.py), move what collection allocated out of the garbage collector's sight.
+
+    mutmut forks one process per mutant from a process that has collected the tests, and pytest ends every
+    session with five full collections: without this, each mutant's process walks (and so copies) the whole
+    torch and timm heap, seconds per mutant.
+    """
+    if 'MUTANT_UNDER_TEST' in os.environ:
+        gc.freeze()
 
 
 def load_benchmark(name: str) -> ModuleType:
@@ -64,7 +78,6 @@ def run_args(image_folder, tmp_path):
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """train_moex.main runs in-process several times: give each run a fresh Accelerate state."""
-    from accelerate.state import AcceleratorState, GradientState
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -74,7 +87,6 @@ def fresh_accelerate_state():
 def restore_root_logger():
     """timm's train.py (run in-process by some tests) adds root-logger handlers bound to that test's captured
     stderr; left in place, they fail every later log record once that stream is closed."""
-    import logging
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield

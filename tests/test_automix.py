@@ -1,6 +1,7 @@
 """AutoMix: the Mix Block, the momentum encoder, the task's losses and its state."""
 import copy
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import timm_moex  # noqa: F401  (registers resnet18_cifar)
 from timm_moex import MoExMixing, attach_moex, get_moex_hook
@@ -140,11 +143,16 @@ def test_mask_under_bf16_autocast_is_finite_float32():
     assert mask.dtype == torch.float32 and torch.isfinite(mask).all()
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(in_chs=0), 'in_chs'), (dict(in_chs=8, reduction=0), 'reduction'), (dict(in_chs=8, reduction=9), 'reduction'),
-    (dict(in_chs=8, lam_embed='add'), "lam_embed.*'add'"), (dict(in_chs=8, upsample='cubic'), "upsample.*'cubic'")])
-def test_mix_block_rejects_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(in_chs=0), 'in_chs must be a positive integer; got 0'),
+    (dict(in_chs='4'), "in_chs must be a positive integer; got '4'"),
+    (dict(in_chs=True), 'in_chs must be a positive integer; got True'),
+    (dict(in_chs=8, reduction=0), 'reduction must be an integer in [1, in_chs=8]; got 0'),
+    (dict(in_chs=8, reduction=9), 'reduction must be an integer in [1, in_chs=8]; got 9'),
+    (dict(in_chs=8, lam_embed='add'), "lam_embed must be one of ('none', 'concat', 'mul'); got 'add'"),
+    (dict(in_chs=8, upsample='cubic'), "upsample must be one of ('nearest', 'bilinear'); got 'cubic'")])
+def test_mix_block_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match='^' + re.escape(message) + '$'):
         MixBlock(**kwargs)
 
 
@@ -213,12 +221,22 @@ def test_default_feature_layer_is_the_stage_before_the_last(name, layer):
 
 def test_feature_layer_errors():
     model = cifar_model()
-    with pytest.raises(ValueError, match=r'out of range.*5 feature_info'):
-        resolve_feature_layer(model, 7)
-    with pytest.raises(ValueError, match=r"no module 'layer9'.*'layer1'"):
+    for layer in (5, -6):
+        with pytest.raises(ValueError, match=rf'^feature layer {layer} is out of range for CifarResNet, which has 5 '
+                                             r'feature_info entries \(indices -5 to 4\)$'):
+            resolve_feature_layer(model, layer)
+    assert resolve_feature_layer(model, -5) == 'act1' and resolve_feature_layer(model, 4) == 'layer4'
+    assert resolve_feature_layer(model, 'layer1.0') == 'layer1.0'
+    with pytest.raises(ValueError, match=r"^CifarResNet has no module 'layer9'; its top-level modules are \['conv1', "
+                                         r"'bn1', 'act1', 'layer1', 'layer2', 'layer3', 'layer4', 'global_pool', 'fc'\]$"):
         resolve_feature_layer(model, 'layer9')
-    with pytest.raises(ValueError, match='exposes no feature_info'):
-        resolve_feature_layer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), -2)
+    for info in (None, [], {'module': 'x'}):
+        plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+        if info is not None:
+            plain.feature_info = info
+        with pytest.raises(ValueError, match=r'^AutoMix needs intermediate feature maps, but Sequential exposes no '
+                                             r'feature_info; accepted: a timm CNN'):
+            resolve_feature_layer(plain, -2)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\) feature maps.*'blocks.10'.*\(1, 197, 192\)"):
         AutoMix(timm.create_model('vit_tiny_patch16_224', num_classes=NUM_CLASSES))
     assert parse_feature_layer(' -2') == -2 and parse_feature_layer('layer3') == 'layer3'
@@ -337,7 +355,8 @@ def test_losses_match_an_independent_computation(monkeypatch):
     non_involutive_pairings(monkeypatch, PERM_MB, PERM)
     model = cifar_model()
     automix = AutoMix(model, total_steps=8)
-    task = AutoMixTask(model, automix, clean_weight=0.5, area_weight=0.2, area_decay=False, verbose=False)
+    task = AutoMixTask(model, automix, clean_weight=0.5, area_weight=0.2, area_margin=0.02, area_decay=False,
+                       verbose=False)
     online, momentum = [], []
     model.register_forward_hook(lambda m, args, out: online.append((args[0].detach().clone(), out)))
     automix.encoder.register_forward_hook(lambda m, args, out: momentum.append((args[0].detach().clone(), out)))
@@ -354,9 +373,14 @@ def test_losses_match_an_independent_computation(monkeypatch):
     (seen_mb, logits_mb), = momentum
     torch.testing.assert_close(seen_mb, mask_mb * x + (1 - mask_mb) * x[perm_mb])
     mix_block_loss = lam_mb * F.cross_entropy(logits_mb, y) + (1 - lam_mb) * F.cross_entropy(logits_mb, y[perm_mb])
-    area_loss = F.relu((mask_mb.mean() - lam_mb).abs() - 0.1)
+    area_loss = F.relu((mask_mb.mean() - lam_mb).abs() - 0.02)
     torch.testing.assert_close(result['mix_block_loss'], mix_block_loss.detach())
     torch.testing.assert_close(result['area_loss'], area_loss)
+    assert set(result) == {'loss', 'output', 'output_clean', 'automix', 'moex', 'lam', 'perm', 'lam_mb', 'perm_mb',
+                           'plain_mixup', 'mask_area', 'mix_loss', 'clean_loss', 'mix_block_loss', 'area_loss'}
+    assert result['automix'] is True and (result['lam'], result['lam_mb']) == pytest.approx((lam, lam_mb))
+    assert torch.equal(result['perm'], perm) and torch.equal(result['perm_mb'], perm_mb)
+    torch.testing.assert_close(result['mask_area'], mask_mb.mean())
 
     (seen, logits), = online
     torch.testing.assert_close(seen[:6], mask * x + (1 - mask) * x[perm])  # the mixed half, detached mask
@@ -581,6 +605,8 @@ def test_eval_mode_is_the_plain_loss():
     result = task(x, y)
     assert not result['automix'] and int(task.automix.num_updates) == 0
     torch.testing.assert_close(result['loss'], F.cross_entropy(model(x), y))
+    torch.testing.assert_close(result['output'], model(x))
+    assert set(result) == {'loss', 'output', 'automix', 'moex'} and result['moex'] is False
 
 
 @pytest.mark.slow
@@ -609,15 +635,27 @@ def test_both_encoders_learn_a_toy_problem():
         assert (model.eval()(x).argmax(1) == y).float().mean() > 0.9
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(alpha=0), 'alpha'), (dict(alpha=math.inf), 'alpha'), (dict(lam_margin=0.5), 'lam_margin.*0.5'),
-    (dict(lam_margin=-0.1), 'lam_margin'), (dict(clean_weight=-1), 'clean_weight'),
-    (dict(area_weight=math.nan), 'area_weight'), (dict(area_margin=2), 'area_margin'),
-    (dict(moex_prob=1.5), 'moex_prob'), (dict(moex_lam=-0.5), 'moex_lam'), (dict(pairing='shift'), 'pairing'),
-    (dict(hook='stem'), 'hook'), (dict(automix=nn.Linear(2, 2)), 'automix'), (dict(moex='stem'), 'moex')])
+@pytest.mark.parametrize('kwargs, error, message', [
+    (dict(alpha=0), ValueError, 'alpha must be a finite number > 0 (Beta(alpha, alpha); the paper uses 2); got 0'),
+    (dict(alpha=math.inf), ValueError,
+     'alpha must be a finite number > 0 (Beta(alpha, alpha); the paper uses 2); got inf'),
+    (dict(lam_margin=0.5), ValueError, 'lam_margin must be below 0.5 (else every batch is plain Mixup); got 0.5'),
+    (dict(lam_margin=-0.1), ValueError, 'lam_margin must be a number in [0, 1]; got -0.1'),
+    (dict(clean_weight=-1), ValueError, 'clean_weight must be a finite number >= 0; got -1'),
+    (dict(clean_weight=True), ValueError, 'clean_weight must be a finite number >= 0; got True'),
+    (dict(clean_weight=math.inf), ValueError, 'clean_weight must be a finite number >= 0; got inf'),
+    (dict(area_weight=math.nan), ValueError, 'area_weight must be a finite number >= 0; got nan'),
+    (dict(area_weight='1'), ValueError, "area_weight must be a finite number >= 0; got '1'"),
+    (dict(area_margin=2), ValueError, 'area_margin must be a number in [0, 1]; got 2'),
+    (dict(moex_prob=1.5), ValueError, 'moex_prob must be a number in [0, 1]; got 1.5'),
+    (dict(moex_lam=-0.5), ValueError, 'moex_lam must be a number in [0, 1]; got -0.5'),
+    (dict(pairing='shift'), ValueError, "pairing must be one of ('random', 'flip'); got 'shift'"),
+    (dict(hook='stem'), TypeError, 'hook must be a timm_moex MoExHook (see get_moex_hook); got str'),
+    (dict(automix=nn.Linear(2, 2)), TypeError, 'automix must be a timm_moex AutoMix (possibly DDP-wrapped); got Linear'),
+    (dict(moex='stem'), TypeError, 'moex must be a timm_moex MoExMixing or None; got str')])
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')  # the deprecated MoEx arguments are still checked
-def test_task_rejects_bad_arguments(kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_task_rejects_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match='^' + re.escape(message) + '$'):
         AutoMixTask(cifar_model(), verbose=False, **kwargs)
 
 
@@ -665,3 +703,169 @@ def test_moex_and_deprecated_arguments_together_are_refused():
 def test_automix_rejects_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         AutoMix(cifar_model(), **kwargs)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one process, so that DDP wraps for real without launching anything."""
+    torch.distributed.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_prepare_distributed_wraps_the_model_and_the_mix_block(one_process_group):
+    model = cifar_model()
+    task = AutoMixTask(model, verbose=False)
+    automix = task.automix
+    assert task.prepare_distributed(broadcast_buffers=False) is task
+    for wrapped, inner in ((task.trainable_module, model), (task.automix, automix)):
+        assert isinstance(wrapped, DDP) and wrapped.module is inner and not wrapped.broadcast_buffers
+        assert wrapped.device_ids is None  # a CPU module: DDP takes no device ids
+    result = task(*batch())
+    result['loss'].backward()
+    assert automix.mix_block.query.weight.grad is not None
+
+
+def test_two_forwards_refuse_ddp_in_full():
+    task = AutoMixTask(cifar_model(), two_forwards=True, verbose=False)
+    with pytest.raises(ValueError, match=r'^two_forwards runs the model twice per backward, which DDP does not support; '
+                                         r'use the single forward \(two_forwards=False\) for distributed training$'):
+        task.prepare_distributed()
+
+
+def test_task_state_is_left_alone_for_the_ema_and_for_an_empty_state():
+    task = AutoMixTask(cifar_model(), verbose=False)
+    assert task.get_task_state(ema=True) == {}
+    before = {k: v.clone() for k, v in task.automix.state_dict().items()}
+    other = AutoMixTask(cifar_model(seed=1), verbose=False).get_task_state()
+    task.load_task_state(other, ema=True)
+    task.load_task_state({})
+    task.load_task_state(None)
+    task.load_task_state({'projection': {}}, strict=False)
+    for k, v in task.automix.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    partial = {'automix': {k: v for k, v in other['automix'].items() if k.startswith('mix_block.')}}
+    with pytest.raises(RuntimeError, match='Missing key'):
+        task.load_task_state(partial)
+    task.load_task_state(partial, strict=False)
+    assert torch.equal(task.automix.mix_block.query.weight, other['automix']['mix_block.query.weight'])
+
+
+def test_param_groups_default_to_no_weight_decay():
+    automix = AutoMix(cifar_model())
+    assert [g['weight_decay'] for g in automix.param_groups()] == [0.0, 0.0, 0.0]
+    assert all('lr' not in g for g in automix.param_groups())
+
+
+def test_lam_at_the_margin_is_plain_mixup(monkeypatch):
+    fixed_lams(monkeypatch, 0.5, 0.0625)  # exact in float32, as the draw is
+    result = AutoMixTask(cifar_model(), lam_margin=0.0625, clean_weight=0.0, verbose=False)(*batch())
+    assert result['plain_mixup'] and result['output_clean'] is None and result['clean_loss'] is None
+
+
+@pytest.mark.parametrize('two_forwards, clean_weight', [(True, 1.0), (False, 0.0)])
+def test_moex_arms_the_mixed_pairing_alone_without_a_shared_clean_half(monkeypatch, two_forwards, clean_weight):
+    fixed_lams(monkeypatch, 0.5, 0.7)
+    model = cifar_model(moex=True)
+    hook = get_moex_hook(model)
+    armed = []
+    original_arm = hook.arm
+    monkeypatch.setattr(hook, 'arm', lambda perm: (armed.append(perm.clone()), original_arm(perm)))
+    task = AutoMixTask(model, moex=MoExMixing(hook, prob=1.0, lam=0.8), two_forwards=two_forwards,
+                       clean_weight=clean_weight, verbose=False)
+    result = task(*batch())
+    assert result['moex'] and len(armed) == 1 and torch.equal(armed[0], result['perm'])
+
+
+def test_the_task_hands_timms_task_its_arguments_and_logs_its_settings(caplog):
+    criterion = SoftTargetCrossEntropy()
+    task = AutoMixTask(cifar_model(), criterion=criterion, device=torch.device('cpu'), dtype=torch.float64,
+                       verbose=False)
+    assert task.criterion is criterion and task.device == torch.device('cpu') and task.dtype == torch.float64
+    assert AutoMixTask(cifar_model(), device=torch.device('meta'), verbose=False).device == torch.device('meta')
+    smoothed = AutoMixTask(cifar_model(), criterion_kwargs=dict(smoothing=0.1), verbose=False)
+    assert isinstance(smoothed.criterion, LabelSmoothingCrossEntropy) and smoothed.criterion.smoothing == 0.1
+    with caplog.at_level('INFO'):
+        AutoMixTask(cifar_model(), verbose=False)
+    assert not caplog.records
+    model = cifar_model(moex=True)
+    moex = MoExMixing(get_moex_hook(model), prob=0.5)
+    for kwargs, tail in ((dict(), ''), (dict(moex=moex), f', {moex}')):
+        caplog.clear()
+        with caplog.at_level('INFO'):
+            AutoMixTask(model, **kwargs)  # verbose by default, as timm's tasks are
+        assert f"AutoMixTask: alpha=2.0, feature layer 'layer3', pairing=random{tail}" in \
+            [r.getMessage() for r in caplog.records]
+
+
+def test_the_released_cifar_defaults():
+    task = AutoMixTask(cifar_model(), verbose=False)
+    assert (task.alpha, task.area_weight, task.area_margin, task.area_decay, task.lam_margin) == (2.0, 0.1, 0.1, True,
+                                                                                                  0.08)
+    assert MixBlock(8).inner_chs == 4 and task.automix.mix_block.inner_chs == 64 // 2  # reduction 2
+    assert MixBlock(8).upsample == 'nearest' and task.automix.mix_block.upsample == 'nearest'
+    assert AutoMix(cifar_model(), upsample='bilinear').mix_block.upsample == 'bilinear'
+    torch.testing.assert_close(mask_area_loss(torch.full((2, 1, 4, 4), 0.75), 0.5), torch.tensor(0.15))  # margin 0.1
+
+
+@pytest.mark.parametrize('upsample', ['nearest', 'bilinear'])
+def test_the_mask_is_upsampled_before_the_sigmoid_without_aligned_corners(upsample):
+    torch.manual_seed(0)
+    block = MixBlock(8, upsample=upsample, init_std=0.5)
+    z, perm = torch.randn(3, 8, 4, 4), torch.tensor([1, 2, 0])
+    with torch.no_grad():
+        low = block(z, perm, 0.3, (4, 4))
+        high = block(z, perm, 0.3, (16, 16))
+    logits = torch.logit(1.0 - low.double())
+    kwargs = dict(align_corners=False) if upsample == 'bilinear' else {}
+    expected = 1.0 - torch.sigmoid(F.interpolate(logits, size=(16, 16), mode=upsample, **kwargs))
+    torch.testing.assert_close(high.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nhwc_feature_maps_reach_the_mix_block_channels_first():
+    torch.manual_seed(0)
+    swin = timm.create_model('swin_tiny_patch4_window7_224', num_classes=NUM_CLASSES, img_size=32, window_size=2,
+                             embed_dim=24, depths=(1, 1), num_heads=(1, 2))
+    automix = AutoMix(swin, input_size=(3, 32, 32))
+    assert automix.feature_layer == 'layers.0' and automix.mix_block.query.in_channels == 24 + 1  # + the lam plane
+    seen = []
+    automix.encoder.get_submodule('layers.0').register_forward_hook(lambda m, a, out: seen.append(out))
+    x = torch.randn(2, 3, 32, 32)
+    z = automix.features(x)
+    torch.testing.assert_close(z, seen[-1].permute(0, 3, 1, 2))  # (B, H, W, C) -> (B, C, H, W)
+
+
+def test_the_dry_run_takes_the_models_input_size_and_dtype():
+    model = cifar_model()
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 24, 20))
+    model.double()
+    sizes = []
+    model.register_forward_pre_hook(lambda m, args: sizes.append((tuple(args[0].shape), args[0].dtype)))
+    AutoMix(model)
+    assert sizes[0] == ((1, 3, 24, 20), torch.float64)
+    sizes.clear()
+    AutoMix(model, input_size=(3, 16, 12))
+    assert sizes[0] == ((1, 3, 16, 12), torch.float64)
+    del model.pretrained_cfg
+    sizes.clear()
+    AutoMix(model)
+    assert sizes[0] == ((1, 3, 224, 224), torch.float64)
+
+
+def test_the_bounds_of_the_mix_block_and_the_momentum_are_inclusive():
+    assert MixBlock(1, reduction=1).inner_chs == 1
+    assert MixBlock(8, reduction=8).inner_chs == 1
+    with pytest.raises(ValueError, match=r"^reduction must be an integer in \[1, in_chs=8\]; got '2'$"):
+        MixBlock(8, reduction='2')
+    assert AutoMix(cifar_model(), momentum=0.0).momentum == 0.0
+    assert AutoMix(cifar_model(), momentum=1.0).momentum == 1.0
+    automix = AutoMix(cifar_model(), total_steps=1, reduction=4)
+    assert automix.total_steps == 1 and automix.mix_block.inner_chs == 64 // 4  # layer3 of the slim model
+    assert automix.num_updates.dtype == torch.long and int(automix.num_updates) == 0
+    with pytest.raises(ValueError, match=r"^total_steps must be"):
+        AutoMix(cifar_model(), total_steps='10')
+    headless = AutoMix(timm.create_model('resnet18_cifar', num_classes=0, **SLIM), mix_head=False)
+    assert headless.mix_head is None and headless.classifier_name is None
+    for bad in ('0.5', True, -0.1):
+        with pytest.raises(ValueError, match=rf'^momentum must be a number in \[0, 1\]; got {re.escape(repr(bad))}$'):
+            AutoMix(cifar_model(), momentum=bad)

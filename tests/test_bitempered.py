@@ -1,3 +1,4 @@
+import inspect
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from timm_moex import MoExLoss
+from timm_moex import MoExLoss, bitempered
 from timm_moex.bitempered import (
     BiTemperedLogisticLoss, bi_tempered_logistic_loss, exp_t, log_t, tempered_normalizer, tempered_softmax)
 
@@ -273,3 +274,100 @@ def test_second_derivatives_are_refused_not_wrong():
     grad, = torch.autograd.grad(BiTemperedLogisticLoss(0.8, 1.2)(out, torch.tensor([0, 1, 2])), out, create_graph=True)
     with pytest.raises(RuntimeError, match='differentiate twice'):
         grad.sum().backward()
+
+
+def test_function_checks_its_own_arguments_with_full_messages():
+    out, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"^reduction must be 'mean', 'sum' or 'none'; got 'avg'$"):
+        bi_tempered_logistic_loss(out, y, 0.8, 1.2, reduction='avg')
+    with pytest.raises(ValueError, match=r'^logits must be a floating-point tensor \(\.\.\., num_classes\); '
+                                         r'got torch.int64 of shape \(4, 3\)$'):
+        bi_tempered_logistic_loss(torch.zeros(4, 3, dtype=torch.long), y, 0.8, 1.2)
+    with pytest.raises(ValueError, match=r'^logits must be .* got torch.float32 of shape \(\)$'):
+        bi_tempered_logistic_loss(torch.tensor(1.0), torch.tensor(0), 0.8, 1.2)
+    with pytest.raises(ValueError, match=r'^class-index targets must have shape \(2, 5\) for logits of shape '
+                                         r'\(2, 5, 3\); got \(2,\)$'):
+        bi_tempered_logistic_loss(torch.randn(2, 5, 3), torch.zeros(2, dtype=torch.long), 0.8, 1.2)
+
+
+@pytest.mark.parametrize('t1, t2', [(0.8, 1.2), (0.5, 0.8), (1.0, 1.0)])
+@pytest.mark.parametrize('soft', [False, True])
+def test_any_leading_shape_is_rows_of_classes(soft, t1, t2):
+    """(..., K) logits: a single row (K,) and a (B, N, K) batch give the losses of their rows."""
+    torch.manual_seed(0)
+    out = torch.randn(2, 5, 4) * 3
+    y = torch.softmax(torch.randn(2, 5, 4), -1) if soft else torch.randint(0, 4, (2, 5))
+    crit = BiTemperedLogisticLoss(t1, t2, smoothing=0.1, reduction='none')
+    flat = out.reshape(10, 4).requires_grad_()
+    rows = crit(flat, y.reshape(10, 4) if soft else y.reshape(10))
+    rows.sum().backward()
+    batch = out.clone().requires_grad_()
+    torch.testing.assert_close(crit(batch, y), rows.detach().reshape(2, 5))
+    crit(batch, y).sum().backward()
+    torch.testing.assert_close(batch.grad, flat.grad.reshape(2, 5, 4))
+    torch.testing.assert_close(crit(out[1, 2], y[1, 2]), rows.detach()[7])
+
+
+@pytest.mark.parametrize('t2', FIXED_POINT_T2 + BISECTION_T2)
+def test_the_papers_iterations_alone_reach_the_normalizer(t2, monkeypatch):
+    """Without the Newton refinement, enough fixed-point iterations (t2 > 1) or bisection steps (t2 < 1) converge
+    on their own: the paper's algorithms, not only their starting point, are right."""
+    monkeypatch.setattr(bitempered, '_NEWTON_STEPS', 0)
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, 10, dtype=torch.float64) * 3  # some classes outside exp_t's support for t2 < 1
+    lam = reference_normalizer(a, t2)
+    torch.testing.assert_close(tempered_normalizer(a, t2, num_iters=60), lam, rtol=0, atol=1e-11)
+    # and the softmax and the loss hand their num_iters on
+    torch.testing.assert_close(tempered_softmax(a, t2, num_iters=60), exp_t(a - lam, t2), rtol=0, atol=1e-11)
+    y = torch.softmax(torch.randn(3, 4, 10, dtype=torch.float64), -1)
+    torch.testing.assert_close(bi_tempered_logistic_loss(a, y, 0.8, t2, num_iters=60, reduction='none'),
+                               reference_loss(a, y, 0.8, t2), rtol=0, atol=1e-10)
+
+
+def test_one_iteration_is_allowed():
+    out, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    torch.testing.assert_close(BiTemperedLogisticLoss(num_iters=1)(out, y), BiTemperedLogisticLoss()(out, y))
+
+
+def test_low_precision_inputs_are_computed_in_float32():
+    torch.manual_seed(0)
+    out = torch.randn(6, 5).to(torch.bfloat16)
+    soft = torch.softmax(torch.randn(6, 5), -1).to(torch.float16)
+    hard = torch.randint(0, 5, (6,))
+    for target, target32 in ((soft, soft.float()), (hard, hard)):
+        loss = bi_tempered_logistic_loss(out, target, 0.8, 1.2)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, bi_tempered_logistic_loss(out.float(), target32, 0.8, 1.2),
+                                   rtol=1e-6, atol=1e-7)
+    assert bi_tempered_logistic_loss(out.double(), hard, 0.8, 1.2).dtype == torch.float64
+
+
+def test_defaults_are_the_papers():
+    crit = BiTemperedLogisticLoss()
+    assert (crit.t1, crit.t2, crit.smoothing, crit.num_iters, crit.reduction) == (0.8, 1.2, 0.0, 5, 'mean')
+    for fn in (bi_tempered_logistic_loss, tempered_softmax, tempered_normalizer):
+        assert inspect.signature(fn).parameters['num_iters'].default == 5
+
+
+def test_the_module_passes_its_settings_on(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bitempered, 'bi_tempered_logistic_loss', lambda *args, **kwargs: calls.append((args, kwargs)))
+    out, y = torch.randn(2, 3), torch.tensor([0, 1])
+    BiTemperedLogisticLoss(0.7, 1.3, smoothing=0.2, num_iters=3, reduction='sum')(out, y)
+    (args, kwargs), = calls
+    assert args[0] is out and args[1] is y and args[2:] == (0.7, 1.3)
+    assert kwargs == dict(smoothing=0.2, num_iters=3, reduction='sum')
+
+
+def test_five_iterations_by_default(monkeypatch):
+    """The paper's 5 iterations before the Newton refinement (seen with the refinement off)."""
+    monkeypatch.setattr(bitempered, '_NEWTON_STEPS', 0)
+    torch.manual_seed(0)
+    a, y = torch.randn(3, 10, dtype=torch.float64) * 0.5, torch.tensor([0, 4, 9])
+    for t2 in (0.5, 1.5):
+        assert torch.equal(tempered_normalizer(a, t2), tempered_normalizer(a, t2, num_iters=5))
+        assert not torch.equal(tempered_normalizer(a, t2), tempered_normalizer(a, t2, num_iters=6))
+        assert torch.equal(tempered_softmax(a, t2), tempered_softmax(a, t2, num_iters=5))
+        five = bi_tempered_logistic_loss(a, y, 0.8, t2, num_iters=5)
+        assert torch.equal(bi_tempered_logistic_loss(a, y, 0.8, t2), five)
+        assert torch.equal(BiTemperedLogisticLoss(0.8, t2)(a, y), five)

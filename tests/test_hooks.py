@@ -1,10 +1,13 @@
 import copy
+import re
 
 import pytest
 import timm
 import torch
 
-from timm_moex import attach_moex, get_moex_hook, moment_exchange, resolve_moex_layer
+import timm_moex.hooks
+from timm_moex import attach_moex, get_moex_hook, moment_exchange, resolve_moex_layer, strip_moex
+from timm_moex.hooks import MoExHook, feature_wrapper_layer
 
 from conftest import slow_cases
 
@@ -199,16 +202,20 @@ def test_layer_by_name_and_nhwc_layout():
 
 def test_bad_attach_arguments():
     model, _ = make('resnet18')
-    with pytest.raises(ValueError, match=r"'layer9'.*'conv1', 'bn1'"):
+    with pytest.raises(ValueError, match=r"^layer='layer9' is not a module of ResNet; use 'stem' or a dotted module "
+                                         r"name. Its top-level modules are \['conv1', 'bn1', 'act1', 'maxpool', "
+                                         r"'layer1', 'layer2', 'layer3', 'layer4', 'global_pool', 'fc'\]$"):
         attach_moex(model, layer='layer9')
     with pytest.raises(ValueError, match='shared by every sample'):
         attach_moex(model, norm='bn')
     with pytest.raises(ValueError, match="'nope'"):
         attach_moex(model, norm='nope')
     attach_moex(model)
-    with pytest.raises(ValueError, match='already has'):
+    with pytest.raises(ValueError, match=r"^ResNet already has MoExHook\(layer='maxpool', norm='pono', eps=1e-05, "
+                                         r"detach=False, armed=False\); call .remove\(\) on it first$"):
         attach_moex(model)
-    with pytest.raises(ValueError, match='compile'):
+    with pytest.raises(ValueError, match=r'^attach_moex got a torch.compile\(\)d model: a hook added after compiling '
+                                         r'is not traced. Attach MoEx to the plain model first, then compile it.$'):
         attach_moex(torch.compile(make('resnet18')[0]))
 
 
@@ -217,3 +224,145 @@ def test_model_without_a_known_stem():
     with pytest.raises(ValueError, match=r"Pass layer=.*\['0', '1'\]"):
         attach_moex(model)
     assert attach_moex(model, layer='0').layer == '0'
+
+
+def test_feature_wrapper_layer_flattens_two_levels_only_and_names_the_wrapper():
+    densenet, flat = timm.create_model('densenet121'), timm.create_model('densenet121', features_only=True)
+    assert feature_wrapper_layer(flat, densenet, 'features.denseblock1.denselayer2.conv1') == \
+        'features_denseblock1.denselayer2.conv1'
+    resnet, listed = timm.create_model('resnet18'), timm.create_model('resnet18', features_only=True)
+    with pytest.raises(ValueError, match=r"^FeatureListNet does not keep the module 'fc' \(Linear\) of ResNet; pass "
+                                         r"layer= one of its modules: \['conv1', 'bn1', 'act1', 'maxpool', 'layer1', 'layer2', "
+                                         r"'layer3', 'layer4'\]$"):
+        feature_wrapper_layer(listed, resnet, 'fc')
+
+
+class Staged(torch.nn.Module):
+    """A model outside STEM_LAYERS whose group_matcher names its stem (a module with children) by a regex."""
+
+    def __init__(self, stem_patterns):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        self.stem_pool = torch.nn.MaxPool2d(2)
+        self.body = torch.nn.Conv2d(4, 4, 3)
+        self.stem_patterns = stem_patterns
+
+    def group_matcher(self, coarse=False):
+        return dict(stem=self.stem_patterns, blocks=r'^body')
+
+
+@pytest.mark.parametrize('patterns, stem', [
+    (r'^stem', 'stem_pool'),  # the last outermost match in registration order, not one of stem's children
+    ([(r'^stem\.', (0,)), (r'^body', (1,))], 'body'),  # timm's (regex, ordinal) pairs: the regex is the first item
+    ([r'^stem\.'], 'stem.1'),
+    (r'^stem$', 'stem'),
+    (r'^stem(?!_)', 'stem'),  # the stem's own children match too, and come last
+])
+def test_stem_from_the_group_matcher(patterns, stem):
+    assert resolve_moex_layer(Staged(patterns)) == stem
+
+
+def test_a_group_matcher_that_matches_nothing_is_no_stem():
+    with pytest.raises(ValueError, match=r"^Cannot find the stem of Staged: it is not in timm_moex.STEM_LAYERS and has no "
+                                         r"group_matcher\(\)\['stem'\]. Pass layer= one of its modules, e.g. one of "
+                                         r"\['stem', 'stem_pool', 'body'\]$"):
+        resolve_moex_layer(Staged(r'^nothing'))
+
+
+def test_arm_refuses_what_is_not_a_permutation_and_remove_is_idempotent():
+    model, _ = make('resnet18')
+    hook = attach_moex(model)
+    for bad in ([1, 0], torch.tensor([[1, 0]]), torch.tensor(1)):
+        with pytest.raises(ValueError, match=r'^perm must be a 1-D tensor of sample indices; got '):
+            hook.arm(bad)
+    assert not hook.armed
+    hook.arm(torch.tensor([1, 0]))
+    hook.remove()
+    assert not hook.armed and not hook.attached
+    hook.remove()  # twice is harmless
+    with pytest.raises(RuntimeError, match=r'^This MoExHook was removed; attach a new one with timm_moex.attach_moex$'):
+        hook.arm(torch.tensor([1, 0]))
+    # a hook made directly (not through attach_moex, so not kept on the model) removes itself too
+    direct = MoExHook(model, 'maxpool')
+    direct.remove()
+    assert not direct.attached and get_moex_hook(model) is None
+
+
+def test_a_layer_that_returns_no_tensor_is_named():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    model[0].register_forward_hook(lambda module, args, output: (output,))
+    hook = attach_moex(model, layer='0')
+    hook.arm(torch.tensor([1, 0]))
+    with pytest.raises(TypeError, match=r"^MoEx layer '0' returns tuple, not a tensor; choose another layer$"):
+        model(torch.randn(2, 3, 8, 8))
+
+
+def test_strip_moex_removes_the_hook_and_returns_the_plain_model():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    hook = attach_moex(model, layer='0')
+    assert strip_moex(torch.nn.DataParallel(model)) is model
+    assert get_moex_hook(model) is None and not hook.attached and not model[0]._forward_hooks
+    assert strip_moex(model) is model  # nothing to remove is fine
+
+
+def test_the_hook_hands_its_settings_to_moment_exchange(monkeypatch):
+    calls = []
+    monkeypatch.setattr(timm_moex.hooks, 'moment_exchange', lambda output, perm, **kwargs: calls.append(kwargs) or output)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    x, perm = torch.randn(2, 3, 8, 8), torch.tensor([1, 0])
+    hook = attach_moex(model, layer='0')  # the defaults
+    assert (hook.norm, hook.eps, hook.detach, hook.channel_dim, hook.impl) == ('pono', 1e-5, False, None, 'auto')
+    hook.arm(perm)
+    model(x)
+    hook.remove()
+    hook = MoExHook(model, '0')
+    assert (hook.norm, hook.eps, hook.detach, hook.channel_dim, hook.impl) == ('pono', 1e-5, False, None, 'auto')
+    hook.remove()
+    hook = attach_moex(model, layer='0', norm='gn2', eps=0.0, detach=True, channel_dim=-1, impl='torch')
+    hook.arm(perm)
+    model(x)
+    assert calls == [dict(norm='pono', eps=1e-5, channel_dim=1, detach=False, impl='auto'),
+                     dict(norm='gn2', eps=0.0, channel_dim=-1, detach=True, impl='torch')]
+    with pytest.raises(ValueError, match=r'^eps must be >= 0; got -1e-06$'):
+        attach_moex(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), layer='0', eps=-1e-6)
+
+
+def test_a_getter_wrapper_of_an_nhwc_model_exchanges_over_the_channels_last():
+    swin = timm.create_model('swin_tiny_patch4_window7_224', features_only=True, feature_cls='getter', img_size=32,
+                             window_size=2, embed_dim=24, depths=(1, 1), num_heads=(1, 2))
+    with torch.no_grad():  # LayerNorm at init leaves every position with mean 0 and std 1: nothing to exchange
+        swin.model.patch_embed.norm.weight.uniform_(0.5, 2.0)
+        swin.model.patch_embed.norm.bias.normal_()
+    hook = MoExHook(swin, 'model.patch_embed')
+    seen = {}
+    swin.model.patch_embed.register_forward_hook(lambda m, a, out: seen.__setitem__('out', out.detach().clone()))
+    x, perm = torch.randn(4, 3, 32, 32), torch.tensor([1, 0, 3, 2])
+    swin(x)
+    plain = seen['out']
+    hook.arm(perm)
+    swin(x)
+    torch.testing.assert_close(seen['out'], moment_exchange(plain, perm, channel_dim=-1))
+
+
+def test_the_stem_of_a_getter_wrapper_is_inside_its_model():
+    getter = timm.create_model('resnet18', features_only=True, feature_cls='getter')
+    assert resolve_moex_layer(getter) == 'model.maxpool'
+    assert resolve_moex_layer(getter, 'model.layer1') == 'model.layer1'
+
+
+def test_a_list_wrapper_has_no_stem_to_find():
+    listed = timm.create_model('resnet18', features_only=True)
+    with pytest.raises(ValueError, match=re.escape(
+            "Cannot find the stem of FeatureListNet: timm's features_only wrapper does not keep the model's class. "
+            "Create it as timm.create_model('<name>_moex', features_only=True) or with timm_moex.create_model, or pass "
+            "layer= one of its modules: ['conv1', 'bn1', 'act1', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4']")):
+        resolve_moex_layer(listed)
+    assert resolve_moex_layer(listed, 'maxpool') == 'maxpool'
+
+
+def test_stem_layers_come_before_the_group_matcher():
+    ResNet = type('ResNet', (Staged,), {})  # a class of the name STEM_LAYERS knows, whatever its matcher says
+    model = ResNet(r'^stem')
+    model.maxpool = torch.nn.MaxPool2d(2)
+    assert resolve_moex_layer(model) == 'maxpool'
+    assert resolve_moex_layer(Staged(r'^stem')) == 'stem_pool'

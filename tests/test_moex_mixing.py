@@ -146,3 +146,10 @@ def test_deprecated_arguments_are_checked_under_their_names(hook):
         resolve_moex_argument('Task', None, hook, moex_prob=2)
     with pytest.raises(ValueError, match=r'^moex_lam must be a number in \[0, 1\]; got -1$'):
         resolve_moex_argument('Task', None, None, moex_lam=-1)
+
+
+def test_moex_given_both_ways_is_refused_in_full():
+    moex = MoExMixing(attach_moex(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), layer='0'))
+    with pytest.raises(ValueError, match=r'^SnapMixTask got moex= and moex_prob=, moex_lam=; pass moex= alone '
+                                         r'\(hook=, moex_prob= and moex_lam= are its deprecated spelling\)$'):
+        resolve_moex_argument('SnapMixTask', moex, None, 0.5, 0.9)

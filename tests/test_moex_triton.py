@@ -5,13 +5,16 @@ They must give what the PyTorch-ops implementation gives (itself checked against
 formula in test_moex.py), forward and backward, in every layout they accept.
 """
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import timm
 import torch
 
+import timm_moex.moex as moex
 from timm_moex import attach_moex, moment_exchange
 
 kernels = pytest.importorskip('timm_moex.moex_triton', reason='Triton is not installed')
@@ -139,22 +142,76 @@ def test_auto_picks_the_kernels_on_cuda_only(device, monkeypatch):
     assert ran == ([1] if device == 'cuda' else [])
 
 
+def cannot(why: str) -> str:
+    """The full message of impl='triton' refusing an input, as a regular expression."""
+    return '^' + re.escape(f"impl='triton' cannot be used: {why}. Use impl='auto' or 'torch'.") + '$'
+
+
 @pytest.mark.parametrize('kwargs, match', [
-    (dict(norm='in'), r"norm='in'"),
-    (dict(norm='gn2'), r"norm='gn2'"),
-    (dict(x=torch.randn(2, 4, 5, 6).transpose(2, 3)), 'flatten'),
-    (dict(x=torch.randn(2, 4100, 2)), 'wider'),
-    (dict(impl='fused'), r"impl='fused'.*'auto', 'triton', 'torch'"),
+    (dict(norm='in'), cannot("the kernels cover 'pono' and 'gponoG', not norm='in'")),
+    (dict(norm='gn2'), cannot("the kernels cover 'pono' and 'gponoG', not norm='gn2'")),
+    (dict(x=torch.randn(2, 4, 5, 6).transpose(2, 3)),
+     cannot('the positions of x (shape (2, 4, 6, 5), strides (120, 30, 1, 6)) do not flatten into one stride')),
+    (dict(x=torch.randn(2, 4100, 2)), cannot("a group of 4100 channels is wider than the kernels' 2048")),
+    (dict(x=torch.randn(2, 4100, 2), norm='gpono2'), cannot("a group of 2050 channels is wider than the kernels' 2048")),
+    (dict(x=torch.randn(0, 4, 3, 3), perm=torch.zeros(0, dtype=torch.long)), cannot('x is empty')),
+    (dict(impl='fused'), r"^impl='fused' is not an implementation of moment_exchange; "
+                         r"use one of \('auto', 'triton', 'torch'\)$"),
 ])
 def test_triton_refuses_what_it_does_not_cover(kwargs, match):
     x = kwargs.pop('x', torch.randn(2, 4, 3, 3)).to(DEVICE)
+    perm = kwargs.pop('perm', torch.tensor([1, 0])).to(DEVICE)
     impl = kwargs.pop('impl', 'triton')
-    perm = torch.tensor([1, 0], device=DEVICE)
     with pytest.raises(ValueError, match=match):
         moment_exchange(x, perm, impl=impl, **kwargs)
     if impl == 'triton':  # 'auto' takes the PyTorch ops for the same input
         torch.testing.assert_close(moment_exchange(x, perm, impl='auto', **kwargs),
                                    moment_exchange(x, perm, impl='torch', **kwargs))
+
+
+def never_load(monkeypatch):
+    def load():
+        raise AssertionError('the Triton kernels were loaded')
+    monkeypatch.setattr(moex, '_load_triton_kernels', load)
+
+
+def test_the_pytorch_ops_never_load_triton(monkeypatch):
+    """impl='torch', and impl='auto' off CUDA, do not even import the kernels (a broken Triton stays silent)."""
+    never_load(monkeypatch)
+    x, perm = torch.randn(2, 4, 3, 3), torch.tensor([1, 0])
+    expected = moex.replace_moments(x, x.view(2, 1, 4, 3, 3), (2,), 1e-5, 'exchange', (perm,))
+    torch.testing.assert_close(moment_exchange(x.to(DEVICE), perm.to(DEVICE), impl='torch').cpu(), expected)
+    torch.testing.assert_close(moment_exchange(x, perm, impl='auto'), expected)
+
+
+def test_under_torch_compile_the_kernels_are_not_loaded(monkeypatch):
+    never_load(monkeypatch)
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    x, perm = torch.randn(2, 4, 3, 3, device=DEVICE), torch.tensor([1, 0], device=DEVICE)
+    with pytest.raises(ValueError, match=cannot('torch.compile traces the PyTorch ops (Inductor fuses them)')):
+        moment_exchange(x, perm, impl='triton')
+    monkeypatch.undo()
+    reference = moment_exchange(x, perm, impl='torch')
+    never_load(monkeypatch)
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    torch.testing.assert_close(moment_exchange(x, perm, impl='auto'), reference)
+
+
+def test_a_missing_triton_is_reported_once_and_not_retried(monkeypatch):
+    import timm_moex
+    monkeypatch.setattr(moex, '_triton_kernels', None)
+    monkeypatch.setattr(moex, '_triton_import_error', None)
+    monkeypatch.delattr(timm_moex, 'moex_triton')
+    monkeypatch.setitem(sys.modules, 'timm_moex.moex_triton', None)  # what an absent Triton looks like to the import
+    x, perm = torch.randn(2, 4, 3, 3, device=DEVICE), torch.tensor([1, 0], device=DEVICE)
+    missing = cannot('Triton is not installed (import of timm_moex.moex_triton halted; None in sys.modules)')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # nothing to warn about: the PyTorch ops are the expected path then
+        with pytest.raises(ValueError, match=missing):
+            moment_exchange(x, perm, impl='triton')
+    monkeypatch.setitem(sys.modules, 'timm_moex.moex_triton', kernels)
+    with pytest.raises(ValueError, match=missing):  # the import is tried once per process, not on every call
+        moment_exchange(x, perm, impl='triton')
 
 
 @pytest.mark.slow
@@ -253,3 +310,28 @@ def test_a_triton_that_fails_to_load_leaves_the_pytorch_ops(monkeypatch):
         with pytest.warns(UserWarning, match="PyTorch ops"):
             moment_exchange(x, perm, impl='triton')
     torch.testing.assert_close(moment_exchange(x, perm, impl='auto'), moment_exchange(x, perm, impl='torch'))
+
+
+def test_grouped_pono_on_a_small_input():
+    """A grouped case small enough for the fast subset: the kernels get the groups, not one group of all channels."""
+    x = features((3, 8, 2, 3), torch.float64)
+    (out, grad), (expected, expected_grad) = both(x, torch.tensor([2, 0, 1], device=DEVICE), norm='gpono2')
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    torch.testing.assert_close(grad, expected_grad, **TOL[torch.float64])
+
+
+def test_channels_last_dim_and_the_widest_group_on_small_inputs():
+    for shape, channel_dim, channels_last in (((3, 2, 3, 8), -1, False), ((3, 8, 2, 3), 1, True),
+                                              ((3, kernels.MAX_GROUP_CHANNELS, 2), 1, False)):
+        x = features(shape, torch.float64, channels_last)
+        (out, grad), (expected, expected_grad) = both(x, torch.tensor([2, 0, 1], device=DEVICE),
+                                                      channel_dim=channel_dim)
+        torch.testing.assert_close(out, expected, **TOL[torch.float64])
+        torch.testing.assert_close(grad, expected_grad, **TOL[torch.float64])
+
+
+def test_kernels_built_for_the_gpu_refuse_a_cpu_tensor(monkeypatch):
+    monkeypatch.setattr(kernels, 'interpreted', lambda: False)
+    with pytest.raises(ValueError, match=cannot(
+            'x is on cpu; the kernels run on CUDA (or on the CPU with TRITON_INTERPRET=1)')):
+        moment_exchange(torch.randn(2, 4, 3, 3), torch.tensor([1, 0]), impl='triton')

@@ -109,14 +109,14 @@ def test_parse_results_groups_functions_and_methods_by_module(driver):
                                             'timm_moex.hooks.x_get_moex_hook__mutmut_1': 'no tests'}
 
 
-def test_table_counts_each_status_and_leaves_unchecked_mutants_out(driver):
+def test_table_counts_timeouts_as_caught_and_leaves_unchecked_mutants_out(driver):
     rows = driver.table(driver.parse_results(SAMPLE_RESULTS),
                         ['timm_moex.losses', 'timm_moex.hooks', 'timm_moex.moex', 'timm_moex.checks', 'timm_moex.tasks'])
     lines = rows.splitlines()
-    assert lines[0] == '| module | mutants | killed | survived | timeout / other | score |'
-    assert lines[2] == '| `timm_moex.losses` | 4 | 2 | 1 | 1 | 50.0 % |'
-    assert lines[3] == '| `timm_moex.hooks` | 2 | 0 | 1 | 1 | 0.0 % |'
-    assert lines[4] == '| `timm_moex.moex` | 1 | 1 | 0 | 0 (+1 not checked) | 100.0 % |'
-    assert lines[5] == '| `timm_moex.checks` | not run | | | | |'
-    assert lines[6] == '| `timm_moex.tasks` | not run | | | | |'
+    assert lines[0] == '| module | mutants | killed | timeout | survived | other | score |'
+    assert lines[2] == '| `timm_moex.losses` | 4 | 2 | 1 | 1 | 0 | 75.0 % |'
+    assert lines[3] == '| `timm_moex.hooks` | 2 | 0 | 0 | 1 | 1 | 0.0 % |'
+    assert lines[4] == '| `timm_moex.moex` | 1 | 1 | 0 | 0 | 0 (+1 not checked) | 100.0 % |'
+    assert lines[5] == '| `timm_moex.checks` | not run | | | | | |'
+    assert lines[6] == '| `timm_moex.tasks` | not run | | | | | |'
     assert len(lines) == 7

@@ -1,12 +1,14 @@
 import copy
 import math
+import re
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
+from timm.layers import ClassifierHead
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.task import ClassificationTask
 
 import timm_moex  # noqa: F401  (registers resnet18_cifar)
@@ -103,12 +105,16 @@ def test_whole_partner_box_gives_partner_weight_one():
     torch.testing.assert_close(w_a, torch.zeros(3))
 
 
+@pytest.mark.parametrize('empty', [EMPTY, (0, H, 3, 3), (5, 2, 0, W), (0, H, 6, 1)], ids=['rows', 'columns',
+                                                                                          'upside-down', 'reversed'])
 @pytest.mark.parametrize('empty_is', ['a', 'b'])
-def test_empty_box_gives_partner_weight_zero(empty_is):
+def test_empty_box_gives_partner_weight_zero_and_pastes_nothing(empty_is, empty):
     cams = torch.rand(3, H, W)
-    box_a, box_b = (EMPTY, WHOLE) if empty_is == 'a' else (WHOLE, EMPTY)
+    box_a, box_b = (empty, WHOLE) if empty_is == 'a' else (WHOLE, empty)
     w_a, w_b = snapmix_weights(cams, cams, box_a, box_b)
     assert torch.equal(w_b, torch.zeros(3)) and torch.equal(w_a, torch.ones(3))
+    x = torch.randn(3, 2, H, W)
+    assert torch.equal(snapmix_paste(x, torch.tensor([2, 0, 1]), box_a, box_b), x)
 
 
 def test_weights_are_cam_mass():
@@ -224,7 +230,13 @@ def test_paste_copies_the_partner_box():
     torch.testing.assert_close(snapmix_paste(x, perm, EMPTY, WHOLE), x)
 
 
-@pytest.mark.parametrize('box_a, box_b', [((1, 7, 0, 5), (2, 5, 3, 8)), ((0, 3, 2, 8), (0, 8, 0, 8))])
+@pytest.mark.parametrize('box_a, box_b', [
+    ((1, 7, 0, 5), (2, 5, 3, 8)), ((0, 3, 2, 8), (0, 8, 0, 8)),
+    # sizes that differ in one side only, where a sum of the other box's ends equals this box's side
+    ((0, 4, 0, 4), (1, 3, 2, 6)), ((0, 4, 0, 4), (2, 6, 1, 3)), ((1, 3, 0, 4), (0, 4, 0, 4)),
+    ((0, 4, 1, 3), (0, 4, 0, 4)),
+    ((2, 6, 2, 6), (5, 6, 5, 6)),  # a single partner pixel fills the box
+])
 def test_paste_resizes_with_aligned_corners(box_a, box_b):
     x = torch.randn(3, 2, H, W)
     perm = torch.tensor([2, 0, 1])
@@ -288,7 +300,8 @@ def test_non_linear_classifier_and_max_pool_are_refused():
 
 def test_arguments_are_checked():
     model = cifar_model()
-    with pytest.raises(ValueError, match='alpha must be .*0'):
+    with pytest.raises(ValueError, match=r'^alpha must be a finite number > 0 \(Beta\(alpha, alpha\); '
+                                         r'the paper uses 5\); got 0$'):
         SnapMixTask(model, alpha=0, verbose=False)
     with pytest.raises(ValueError, match='prob must be .*1.5'):
         SnapMixTask(model, prob=1.5, verbose=False)
@@ -390,7 +403,9 @@ def test_without_either_it_is_the_plain_task():
     x, y = batch()
     result = task(x, y)
     assert not result['snapmix'] and not result['moex'] and 'perm' not in result
-    torch.testing.assert_close(result['loss'], plain(x, y)['loss'])
+    expected = plain(x, y)
+    torch.testing.assert_close(result['loss'], expected['loss'])
+    torch.testing.assert_close(result['output'], expected['output'])
 
 
 def test_never_mixes_in_eval():
@@ -518,7 +533,214 @@ def test_same_label_double_matches_the_reference_weights(monkeypatch):
     # a same-label sample's loss weight is 2 (w_a + w_b) on its one label
     expected = torch.where(same, 2 * (w_a + w_b) * ce(out, y), w_a * ce(out, y) + w_b * ce(out, y[PERM])).mean()
     torch.testing.assert_close(result['loss'].double(), expected, rtol=1e-4, atol=1e-6)
+    # soft targets (timm's Mixup) are equal where their whole rows are
+    fixed_draws(monkeypatch)
+    soft = SnapMixTask(cifar_model(), same_label='double', verbose=False).train()(x, F.one_hot(y, 5).float())
+    for got, want in zip(soft['weights'], result['weights']):
+        torch.testing.assert_close(got, want)
     # the default adds them: w_a + w_b in total
     fixed_draws(monkeypatch)
     default = SnapMixTask(cifar_model(), verbose=False).train()(x, y)
     torch.testing.assert_close(default['weights'][0].double(), w_a, rtol=1e-4, atol=1e-6)
+
+
+def test_boxes_are_drawn_for_the_inputs_height_and_width(monkeypatch):
+    drawn = []
+    monkeypatch.setattr('timm_moex.snapmix.snapmix_boxes', lambda h, w, alpha: drawn.append((h, w, alpha)) or (BOX_A, BOX_B))
+    task = SnapMixTask(cifar_model(), alpha=3.0, verbose=False).train()
+    task(torch.randn(6, 3, 32, 24), torch.randint(0, 5, (6,)))
+    assert drawn == [(32, 24, 3.0)]
+
+
+def test_a_box_of_lam_one_cuts_nothing():
+    torch.manual_seed(0)
+    for _ in range(100):  # the centre lands on every row and column, the first ones included
+        top, bottom, left, right = random_box(4, 4, 1.0)
+        assert top == bottom and left == right
+
+
+def test_weights_refuse_cams_that_do_not_match():
+    for cam_b in (torch.rand(2, 4, 5), torch.rand(2, 4)):
+        with pytest.raises(ValueError, match=r'^cam_a and cam_b must both be \(B, H, W\); got \(2, 4, 4\) and '
+                                             + re.escape(str(tuple(cam_b.shape))) + '$'):
+            snapmix_weights(torch.rand(2, 4, 4), cam_b, WHOLE, WHOLE)
+    with pytest.raises(ValueError, match=r'^cam_a and cam_b must both be \(B, H, W\); got \(2, 16\) and \(2, 16\)$'):
+        snapmix_weights(torch.rand(2, 16), torch.rand(2, 16), WHOLE, WHOLE)
+
+
+def test_snapmix_moex_weights_defaults_and_bounds():
+    w_a, w_b, perm = torch.rand(4), torch.rand(4), torch.tensor([1, 2, 3, 0])
+    c1, c2, c3 = snapmix_moex_weights(w_a, w_b, perm)  # no MoEx by default
+    assert torch.equal(c1, w_a) and torch.equal(c2, w_b) and torch.equal(c3, torch.zeros(4))
+    c1, c2, c3 = snapmix_moex_weights(w_a, w_b, perm, 0.0)  # all MoEx's donor
+    assert torch.equal(c1, torch.zeros(4)) and torch.equal(c2, w_a[perm]) and torch.equal(c3, w_b[perm])
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf'^moex_lam must be in \[0, 1\]; got {bad}$'):
+            snapmix_moex_weights(w_a, w_b, perm, bad)
+
+
+def test_the_papers_alpha_is_the_default():
+    assert SnapMixTask(cifar_model(), verbose=False).alpha == 5.0
+
+
+def test_weights_stay_in_the_unit_interval_and_follow_the_cams_dtype_and_device():
+    heavy = torch.full((2, H, W), 2.0 / (H * W))  # maps of total mass 2, passed as if normalized
+    w_a, w_b = snapmix_weights(heavy, heavy, WHOLE, WHOLE, normalize=False)
+    assert torch.equal(w_a, torch.zeros(2)) and torch.equal(w_b, torch.ones(2))
+    negative = -heavy
+    w_a, w_b = snapmix_weights(negative, negative, WHOLE, WHOLE, normalize=False)
+    assert torch.equal(w_a, torch.ones(2)) and torch.equal(w_b, torch.zeros(2))
+    for dtype, expected in ((torch.float64, torch.float64), (torch.float16, torch.float32)):
+        for box in (WHOLE, EMPTY):
+            w_a, w_b = snapmix_weights(torch.rand(2, H, W, dtype=dtype), torch.rand(2, H, W, dtype=dtype), box, WHOLE)
+            assert w_a.dtype == w_b.dtype == expected
+    w_a, w_b = snapmix_weights(torch.rand(2, H, W, device='meta'), torch.rand(2, H, W, device='meta'), EMPTY, WHOLE)
+    assert w_a.device.type == w_b.device.type == 'meta'
+
+
+def test_class_activation_maps_check_their_inputs_in_full():
+    features, target = torch.randn(2, 4, 3, 3), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r'^features must be \(B, C, H, W\) maps; got shape \(2, 4, 9\)$'):
+        class_activation_maps(features.flatten(2), torch.randn(5, 4), target)
+    for weight in (torch.randn(5, 3), torch.randn(5, 4, 1)):
+        with pytest.raises(ValueError, match=r'^weight must be \(num_classes, 4\) for features of shape \(2, 4, 3, 3\); '
+                                             + re.escape(f'got {tuple(weight.shape)}') + '$'):
+            class_activation_maps(features, weight, target)
+
+
+def test_class_activation_maps_relu_by_default_in_float32_at_least():
+    torch.manual_seed(0)
+    features, weight, target = torch.randn(2, 4, 3, 3), torch.randn(5, 4), torch.tensor([0, 3])
+    default = class_activation_maps(features, weight, target, normalize=False)
+    torch.testing.assert_close(default, class_activation_maps(features.relu(), weight, target, normalize=False,
+                                                              relu=False))
+    assert not torch.allclose(default, class_activation_maps(features, weight, target, normalize=False, relu=False))
+    low = class_activation_maps(features.bfloat16(), weight.bfloat16(), target, normalize=False)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, class_activation_maps(features.bfloat16().float(), weight.bfloat16().float(), target,
+                                                          normalize=False))
+    soft = torch.softmax(torch.randn(2, 5, dtype=torch.float64), -1)  # float64 targets weight float32 maps
+    cams = class_activation_maps(features, weight, soft, normalize=False)
+    assert cams.dtype == torch.float32
+    torch.testing.assert_close(cams, torch.einsum('bchw,bc->bhw', features.relu(), soft.float() @ weight))
+    assert class_activation_maps(features.double(), weight, target).dtype == torch.float64
+
+
+def test_normalized_cams_are_float32_at_least_and_uniform_when_constant():
+    flat = normalize_cams(torch.zeros(2, 3, 5, dtype=torch.float16))
+    assert flat.dtype == torch.float32
+    torch.testing.assert_close(flat, torch.full((2, 3, 5), 1 / 15))
+    assert normalize_cams(torch.rand(2, 3, 5, dtype=torch.float64)).dtype == torch.float64
+
+
+class TinyCNN(torch.nn.Module):
+    """forward_features -> a global pool -> one linear classifier, with the parts SnapMix checks swappable."""
+
+    def __init__(self, pool, get_classifier=True):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.global_pool = pool
+        self.fc = torch.nn.Linear(4, 5)
+        self.num_features = 4
+        if get_classifier:
+            self.get_classifier = lambda: self.fc
+
+    def forward_features(self, x):
+        return self.conv(x)
+
+
+def head_error(name: str, reason: str) -> str:
+    return '^' + re.escape(f'SnapMix cannot make class activation maps for {name}: {reason}; accepted: a CNN whose '
+                           'head is global average pooling followed by one nn.Linear classifier, with forward_features '
+                           'giving (B, C, H, W) maps (e.g. ResNet, ResNeXt, DenseNet, EfficientNet, RegNet, '
+                           'resnet18_cifar, PyramidNet)') + '$'
+
+
+def test_the_head_check_in_full():
+    for size in (1, (1, 1)):
+        pool = torch.nn.AdaptiveAvgPool2d(size)
+        assert cam_classifier(TinyCNN(pool)) is not None
+    for size in (2, (1, 2), (2, 1)):
+        pool = torch.nn.AdaptiveAvgPool2d(size)
+        with pytest.raises(ValueError, match=head_error('TinyCNN', f'its head is absent with global_pool={pool!r}, '
+                                                                   'not global average pooling')):
+            cam_classifier(TinyCNN(pool))
+    for model in (torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), TinyCNN(torch.nn.AdaptiveAvgPool2d(1), False)):
+        with pytest.raises(ValueError, match=head_error(type(model).__name__,
+                                                        'it has no forward_features / get_classifier')):
+            cam_classifier(model)
+
+
+class HeadedCNN(TinyCNN):
+    """Pooling inside a timm ClassifierHead, as RegNet and ResNetV2 have it."""
+
+    def __init__(self, pool_type='avg'):
+        super().__init__(None)
+        del self.global_pool
+        self.head = ClassifierHead(4, 5, pool_type=pool_type)
+        self.get_classifier = lambda: self.head.fc
+
+
+def test_the_pooling_of_a_classifier_head_and_the_other_refusals_in_full():
+    model = HeadedCNN()
+    assert cam_classifier(model) is model.head.fc
+    maxed = HeadedCNN('max')
+    with pytest.raises(ValueError, match=head_error('HeadedCNN', f'its head is ClassifierHead with global_pool='
+                                                                 f'{maxed.head.global_pool!r}, not global average pooling')):
+        cam_classifier(maxed)
+    with pytest.raises(ValueError, match=head_error('TinyCNN', 'its head is absent with no global_pool module, not '
+                                                               'global average pooling')):
+        cam_classifier(TinyCNN(None))
+    nhwc = TinyCNN(torch.nn.AdaptiveAvgPool2d(1))
+    nhwc.output_fmt = 'NHWC'
+    with pytest.raises(ValueError, match=head_error('TinyCNN', 'its features are NHWC')):
+        cam_classifier(nhwc)
+    other = TinyCNN(torch.nn.AdaptiveAvgPool2d(1))
+    other.get_classifier = lambda: torch.nn.Identity()
+    with pytest.raises(ValueError, match=head_error('TinyCNN', 'its classifier is Identity, not nn.Linear')):
+        cam_classifier(other)
+    wider = TinyCNN(torch.nn.AdaptiveAvgPool2d(1))
+    wider.num_features = 8
+    with pytest.raises(ValueError, match=head_error('TinyCNN', 'layers sit between its 8 pooled features and its '
+                                                               '4-input classifier')):
+        cam_classifier(wider)
+    bare = TinyCNN(torch.nn.AdaptiveAvgPool2d(1))
+    del bare.num_features  # then the classifier's input count is the only one there is
+    assert cam_classifier(bare) is bare.fc
+
+
+def test_the_task_hands_timms_task_its_arguments(caplog):
+    criterion = SoftTargetCrossEntropy()
+    task = SnapMixTask(cifar_model(), criterion=criterion, device=torch.device('cpu'), dtype=torch.float64,
+                       verbose=False)
+    assert task.criterion is criterion and task.device == torch.device('cpu') and task.dtype == torch.float64
+    assert SnapMixTask(cifar_model(), device=torch.device('meta'), verbose=False).device == torch.device('meta')
+    smoothed = SnapMixTask(cifar_model(), criterion_kwargs=dict(smoothing=0.1), verbose=False)
+    assert isinstance(smoothed.criterion, LabelSmoothingCrossEntropy) and smoothed.criterion.smoothing == 0.1
+    with caplog.at_level('INFO'):
+        SnapMixTask(cifar_model(), verbose=False)
+    assert not caplog.records
+    with caplog.at_level('INFO'):
+        SnapMixTask(cifar_model())  # verbose by default, as timm's tasks are
+    messages = [r.getMessage() for r in caplog.records]
+    assert 'SnapMixTask: alpha=5.0, prob=1.0' in messages and 'SnapMixTask: criterion=CrossEntropyLoss' in messages
+
+
+def test_boxes_draw_from_the_papers_beta_by_default(monkeypatch):
+    drawn = []
+    beta = torch.distributions.Beta
+
+    def recording(a, b, *args, **kwargs):
+        drawn.append((float(a), float(b)))
+        return beta(a, b, *args, **kwargs)
+    monkeypatch.setattr(torch.distributions, 'Beta', recording)
+    snapmix_boxes(H, W)
+    assert drawn == [(5.0, 5.0)]
+
+
+def test_the_task_logs_its_moex_too(caplog):
+    model = cifar_model(moex=True)
+    moex = MoExMixing(get_moex_hook(model), prob=0.5)
+    with caplog.at_level('INFO'):
+        SnapMixTask(model, moex=moex)
+    assert f'SnapMixTask: alpha=5.0, prob=1.0, {moex}' in [r.getMessage() for r in caplog.records]

@@ -9,6 +9,7 @@ from timm.data import Mixup
 import timm_moex
 from timm_moex import (MoExClassificationTask, attach_dsu, attach_mixstyle, attach_moex, dsu_layers, get_dsu_hook,
                        get_mixstyle_hook, mix_moments, mixstyle_layers, moment_exchange, moment_shape, perturb_moments)
+from timm_moex.moments import moment_view, replace_moments
 
 NORMS = ['in', 'pono', 'gn2', 'ln']
 LAYOUTS = ['nchw', 'channels_last', 'nhwc', 'tokens']
@@ -219,6 +220,8 @@ def test_errors_name_the_operation_and_the_argument():
             mix_moments(x, perm, weight)
     with pytest.raises(ValueError, match=r'^mix_moments needs a batched tensor'):
         mix_moments(torch.randn(4), perm, torch.ones(2))
+    with pytest.raises(ValueError, match=r'^moment_shape needs a batched tensor of rank >= 2; got shape \(4,\)$'):
+        moment_shape(torch.randn(4))
     with pytest.raises(ValueError, match=r'^perturb_moments needs a batched tensor'):
         perturb_moments(torch.randn(4), torch.zeros(2, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"^noise_mean must be a tensor of shape \(2, 4\) \(moment_shape\(x, 'in'\)\)"):
@@ -479,3 +482,75 @@ def test_public_names():
                  'DSUHook', 'StyleHook', 'get_mixstyle_hook', 'get_dsu_hook', 'mixstyle_layers', 'dsu_layers',
                  'MIXSTYLE_MIXES'):
         assert name in timm_moex.__all__ and hasattr(timm_moex, name)
+
+
+def autograd_replace_moments(x, kind, params, norm_grad, moment_grad, eps=1e-5):
+    """replace_moments written with autograd and detach() (PONO statistics), the reference for its hand-written backward."""
+    var, mean = torch.var_mean(x, dim=1, correction=1, keepdim=True)
+    std = (var + eps).sqrt()
+    own_mean, own_std = (mean, std) if norm_grad else (mean.detach(), std.detach())
+    mean, std = (mean, std) if moment_grad else (mean.detach(), std.detach())
+    if kind == 'exchange':
+        new_mean, new_std = mean[params[0]], std[params[0]]
+    elif kind == 'mix':
+        perm, weight = params
+        weight = weight.view(-1, 1, 1, 1)
+        new_mean, new_std = weight * mean + (1 - weight) * mean[perm], weight * std + (1 - weight) * std[perm]
+    else:
+        noise_mean, noise_std = params
+        new_mean = mean + noise_mean * (mean.var(0, keepdim=True) + eps).sqrt()
+        new_std = std + noise_std * (std.var(0, keepdim=True) + eps).sqrt()
+    return (x - own_mean) / own_std * new_std + new_mean
+
+
+@pytest.mark.parametrize('norm_grad, moment_grad', [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize('kind', ['exchange', 'mix', 'perturb'])
+def test_replace_moments_stops_exactly_the_gradients_it_is_told_to(kind, norm_grad, moment_grad):
+    torch.manual_seed(0)
+    x = (torch.randn(4, 6, 3, 3, dtype=torch.float64) * 2 + 1).requires_grad_()
+    perm = torch.tensor([2, 0, 3, 1])
+    params = {'exchange': (perm,), 'mix': (perm, torch.rand(4, dtype=torch.float64)),
+              'perturb': (torch.randn(4, 1, 3, 3, dtype=torch.float64), torch.randn(4, 1, 3, 3, dtype=torch.float64))}[kind]
+    upstream = torch.randn(4, 6, 3, 3, dtype=torch.float64)
+    xg, dims, _ = moment_view(x, 'pono', 1, 'test')
+    stat_params = params if kind != 'mix' else (perm, params[1])
+    out = replace_moments(x, xg, dims, 1e-5, kind, stat_params, norm_grad=norm_grad, moment_grad=moment_grad)
+    expected = autograd_replace_moments(x, kind, params, norm_grad, moment_grad)
+    torch.testing.assert_close(out, expected)
+    got, = torch.autograd.grad(out, x, upstream)
+    want, = torch.autograd.grad(expected, x, upstream)
+    torch.testing.assert_close(got, want)
+    if norm_grad and moment_grad:  # the default lets both through
+        default, = torch.autograd.grad(replace_moments(x, xg, dims, 1e-5, kind, stat_params), x, upstream)
+        torch.testing.assert_close(default, want)
+
+
+def test_replace_moments_refuses_an_unknown_kind_in_full():
+    x = torch.randn(2, 4, 3, 3)
+    xg, dims, _ = moment_view(x, 'pono', 1, 'test')
+    with pytest.raises(ValueError, match=r"^kind must be one of \('exchange', 'mix', 'perturb'\); got 'swap'$"):
+        replace_moments(x, xg, dims, 1e-5, 'swap', (torch.tensor([1, 0]),))
+
+
+@pytest.mark.parametrize('norm', ['pono', 'in'])
+def test_low_precision_gradients_are_computed_in_float32(norm):
+    """bf16 features: the backward's sums run in float32, so the gradient is the float32 one rounded once."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 32, 6, 6) * 3 + 2).bfloat16()
+    perm, upstream = torch.tensor([2, 0, 3, 1]), torch.randn(4, 32, 6, 6).bfloat16()
+    grads = []
+    for t in (x, x.float()):
+        leaf = t.clone().requires_grad_()
+        grads.append(torch.autograd.grad(moment_exchange(leaf, perm, norm=norm, impl='torch'), leaf,
+                                         upstream.to(t.dtype))[0])
+    assert grads[0].dtype == torch.bfloat16
+    torch.testing.assert_close(grads[0].float(), grads[1].bfloat16().float(), rtol=1.6e-2, atol=1e-3)
+
+
+def test_noise_of_another_dtype_is_taken_in_the_statistics_dtype():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5)
+    noise_mean, noise_std = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    out = perturb_moments(x, noise_mean, noise_std)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, perturb_moments(x, noise_mean.float(), noise_std.float()))

@@ -16,6 +16,7 @@ float64), under autocast too, with a hand-written backward. The new moments are
   ICLR 2022): ``mean + noise * std_batch(mean)`` and ``std + noise' * std_batch(std)``, where
   ``std_batch`` is the standard deviation over the batch of each statistic (:func:`perturb_moments`).
 """
+import math
 import re
 from typing import List, Sequence, Tuple
 
@@ -300,7 +301,7 @@ class _ReplaceMoments(torch.autograd.Function):
             # Mixed dtypes: computed in float32, written in x's dtype, in one pass.
             out = torch.addcmul(new_mean - mean * scale, xg, scale, out=torch.empty_like(xg))
         ctx.save_for_backward(xg, mean, std, *params)
-        ctx.dims, ctx.eps, ctx.kind, ctx.count = dims, eps, kind, xg.numel() // mean.numel()
+        ctx.dims, ctx.eps, ctx.kind, ctx.count = dims, eps, kind, math.prod(xg.shape[d] for d in dims)
         ctx.norm_grad, ctx.moment_grad = norm_grad, moment_grad
         return out
 
