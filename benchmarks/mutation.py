@@ -110,17 +110,15 @@ def main(argv=None) -> int:
             if not names:
                 print(f'# {module}: no survivors to re-run', flush=True)
                 continue
-            cmd = [sys.executable, '-m', 'mutmut', 'run', *names]
-            if args.max_children:
-                cmd += ['--max-children', str(args.max_children)]
+            options = ['--max-children', str(args.max_children)] if args.max_children else []
             log = ROOT / 'mutants' / f'{module}.log'
             log.parent.mkdir(exist_ok=True)
             shown = f'<the {len(names)} survivors of {module}>' if args.survivors else shlex.quote(names[0])
-            print('$', shlex.join(cmd[:4]), shown, shlex.join(cmd[4 + len(names):]), f'> {log.relative_to(ROOT)}',
-                  flush=True)
+            print('$ python -m mutmut run', shown, *options, f'> {log.relative_to(ROOT)}', flush=True)
             start = time.monotonic()
             with log.open('w') as out:
-                subprocess.run(cmd, cwd=ROOT, check=True, stdout=out, stderr=subprocess.STDOUT, env=env)
+                subprocess.run([sys.executable, '-m', 'mutmut', 'run', *names, *options], cwd=ROOT, check=True,
+                               stdout=out, stderr=subprocess.STDOUT, env=env)
             print(f'# {module}: {time.monotonic() - start:.0f} s wall', flush=True)
     by_module = mutmut_results()
     mutmut_version = subprocess.run([sys.executable, '-m', 'mutmut', '--version'], capture_output=True,

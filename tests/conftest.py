@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from PIL import Image  # noqa: E402
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,10 +41,25 @@ def load_benchmark(name: str) -> ModuleType:
     return module
 
 
-
 def slow_cases(names, slow) -> list:
     """``names`` as parametrize values, those in ``slow`` marked slow (outside the fast subset)."""
     return [pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in names]
+
+
+def check_timm_task_arguments(make_task, caplog) -> None:
+    """A task built by ``make_task(**kwargs)`` hands timm's ClassificationTask its criterion, criterion_kwargs,
+    device, dtype and verbose, and logs nothing with ``verbose=False``."""
+    criterion = SoftTargetCrossEntropy()
+    task = make_task(criterion=criterion, device=torch.device('cpu'), dtype=torch.float64, verbose=False)
+    assert task.criterion is criterion and task.device == torch.device('cpu') and task.dtype == torch.float64
+    assert make_task(device=torch.device('meta'), verbose=False).device == torch.device('meta')
+    smoothed = make_task(criterion_kwargs=dict(smoothing=0.1), verbose=False)
+    assert isinstance(smoothed.criterion, LabelSmoothingCrossEntropy) and smoothed.criterion.smoothing == 0.1
+    caplog.clear()
+    with caplog.at_level('INFO'):
+        make_task(verbose=False)
+    assert not caplog.records
+
 
 def make_image_folder(root: Path, classes=('a', 'b'), train_per_class=16, test_per_class=9, size=32, seed=0):
     """train/<class>/*.png and test/<class>/*.png; class k is brighter in channel k, so it is learnable."""

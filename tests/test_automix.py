@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import timm_moex  # noqa: F401  (registers resnet18_cifar)
@@ -20,6 +19,8 @@ from timm_moex.automix import (
     AutoMix, AutoMixTask, MixBlock, cosine_ramp, mask_area_loss, mix_images, parse_feature_layer,
     resolve_feature_layer)
 from timm_moex.train import load_config
+
+from conftest import check_timm_task_arguments
 
 NUM_CLASSES = 5
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,14 @@ def reference_mix_block_mask(block, z, perm, lam, scale):
         logits = logits.repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # nearest upsampling
         masks.append(1.0 - torch.sigmoid(logits[0]))
     return torch.stack(masks)
+
+
+def record_arms(monkeypatch, hook) -> list:
+    """The permutations ``hook`` is armed with from now on (it still arms)."""
+    armed = []
+    arm = hook.arm
+    monkeypatch.setattr(hook, 'arm', lambda perm: (armed.append(perm.clone()), arm(perm)))
+    return armed
 
 
 def non_involutive_pairings(monkeypatch, *perms):
@@ -569,9 +578,7 @@ def test_moex_shares_the_pairing_and_leaves_the_clean_half(monkeypatch):
     fixed_lams(monkeypatch, 0.5, 0.7)
     model = cifar_model(moex=True)
     hook = get_moex_hook(model)
-    armed = []
-    original_arm = hook.arm
-    monkeypatch.setattr(hook, 'arm', lambda perm: (armed.append(perm.clone()), original_arm(perm)))
+    armed = record_arms(monkeypatch, hook)
     task = AutoMixTask(model, moex=MoExMixing(hook, prob=1.0, lam=0.8), verbose=False)
     x, y = batch()
     result = task(x, y)
@@ -768,9 +775,7 @@ def test_moex_arms_the_mixed_pairing_alone_without_a_shared_clean_half(monkeypat
     fixed_lams(monkeypatch, 0.5, 0.7)
     model = cifar_model(moex=True)
     hook = get_moex_hook(model)
-    armed = []
-    original_arm = hook.arm
-    monkeypatch.setattr(hook, 'arm', lambda perm: (armed.append(perm.clone()), original_arm(perm)))
+    armed = record_arms(monkeypatch, hook)
     task = AutoMixTask(model, moex=MoExMixing(hook, prob=1.0, lam=0.8), two_forwards=two_forwards,
                        clean_weight=clean_weight, verbose=False)
     result = task(*batch())
@@ -778,16 +783,7 @@ def test_moex_arms_the_mixed_pairing_alone_without_a_shared_clean_half(monkeypat
 
 
 def test_the_task_hands_timms_task_its_arguments_and_logs_its_settings(caplog):
-    criterion = SoftTargetCrossEntropy()
-    task = AutoMixTask(cifar_model(), criterion=criterion, device=torch.device('cpu'), dtype=torch.float64,
-                       verbose=False)
-    assert task.criterion is criterion and task.device == torch.device('cpu') and task.dtype == torch.float64
-    assert AutoMixTask(cifar_model(), device=torch.device('meta'), verbose=False).device == torch.device('meta')
-    smoothed = AutoMixTask(cifar_model(), criterion_kwargs=dict(smoothing=0.1), verbose=False)
-    assert isinstance(smoothed.criterion, LabelSmoothingCrossEntropy) and smoothed.criterion.smoothing == 0.1
-    with caplog.at_level('INFO'):
-        AutoMixTask(cifar_model(), verbose=False)
-    assert not caplog.records
+    check_timm_task_arguments(lambda **kwargs: AutoMixTask(cifar_model(), **kwargs), caplog)
     model = cifar_model(moex=True)
     moex = MoExMixing(get_moex_hook(model), prob=0.5)
     for kwargs, tail in ((dict(), ''), (dict(moex=moex), f', {moex}')):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.layers import ClassifierHead
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import SoftTargetCrossEntropy
 from timm.task import ClassificationTask
 
 import timm_moex  # noqa: F401  (registers resnet18_cifar)
@@ -17,6 +17,8 @@ from timm_moex.bitempered import BiTemperedLogisticLoss
 from timm_moex.snapmix import (
     SnapMixTask, cam_classifier, class_activation_maps, normalize_cams, per_sample_loss, random_box,
     same_label_weights, snapmix_boxes, snapmix_moex_weights, snapmix_paste, snapmix_weights)
+
+from conftest import check_timm_task_arguments
 
 H = W = 8
 WHOLE = (0, H, 0, W)
@@ -710,16 +712,7 @@ def test_the_pooling_of_a_classifier_head_and_the_other_refusals_in_full():
 
 
 def test_the_task_hands_timms_task_its_arguments(caplog):
-    criterion = SoftTargetCrossEntropy()
-    task = SnapMixTask(cifar_model(), criterion=criterion, device=torch.device('cpu'), dtype=torch.float64,
-                       verbose=False)
-    assert task.criterion is criterion and task.device == torch.device('cpu') and task.dtype == torch.float64
-    assert SnapMixTask(cifar_model(), device=torch.device('meta'), verbose=False).device == torch.device('meta')
-    smoothed = SnapMixTask(cifar_model(), criterion_kwargs=dict(smoothing=0.1), verbose=False)
-    assert isinstance(smoothed.criterion, LabelSmoothingCrossEntropy) and smoothed.criterion.smoothing == 0.1
-    with caplog.at_level('INFO'):
-        SnapMixTask(cifar_model(), verbose=False)
-    assert not caplog.records
+    check_timm_task_arguments(lambda **kwargs: SnapMixTask(cifar_model(), **kwargs), caplog)
     with caplog.at_level('INFO'):
         SnapMixTask(cifar_model())  # verbose by default, as timm's tasks are
     messages = [r.getMessage() for r in caplog.records]

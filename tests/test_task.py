@@ -11,6 +11,8 @@ from timm.task import ClassificationTask
 
 from timm_moex import MoExClassificationTask, MoExLoss, attach_moex, get_moex_hook
 
+from conftest import check_timm_task_arguments
+
 
 def small_model(seed=0):
     torch.manual_seed(seed)
@@ -197,14 +199,8 @@ def test_task_needs_a_hook():
         MoExClassificationTask(timm.create_model('resnet18', num_classes=5), verbose=False)
 
 
-def test_task_passes_criterion_device_and_dtype_to_timms_task():
-    criterion = SoftTargetCrossEntropy()
-    task = MoExClassificationTask(small_model(), criterion=criterion, device=torch.device('cpu'), dtype=torch.float64,
-                                  verbose=False)
-    assert task.criterion is criterion
-    assert task.device == torch.device('cpu') and task.dtype == torch.float64  # timm's task keeps them
-    other = MoExClassificationTask(small_model(), device=torch.device('meta'), verbose=False)
-    assert other.device == torch.device('meta')
+def test_task_passes_criterion_device_and_dtype_to_timms_task(caplog):
+    check_timm_task_arguments(lambda **kwargs: MoExClassificationTask(small_model(), **kwargs), caplog)
 
 
 def test_task_takes_the_hook_it_is_given():

@@ -127,14 +127,17 @@ def moment_view(x: torch.Tensor, norm: str, channel_dim: int, op: str) -> Tuple[
             'use 1 (NCHW, the default) or -1 (NHWC and tokens)')
     channel_dim %= x.dim()
     xg, dims = _grouped_view(x, norm, channel_dim)
-    count = 1
-    for d in dims:
-        count *= xg.shape[d]
+    count = _reduced_count(xg, dims)
     if count < 2:
         raise ValueError(
             f'norm={norm!r} reduces over {count} element per sample for shape {tuple(x.shape)}: '
             'an unbiased variance needs at least 2')
     return xg, dims, channel_dim
+
+
+def _reduced_count(xg: torch.Tensor, dims: Sequence[int]) -> int:
+    """How many elements each mean and std reduces over (from the shape, so also for an empty batch)."""
+    return math.prod(xg.shape[d] for d in dims)
 
 
 def _stat_shape(xg: torch.Tensor, dims: Sequence[int]) -> List[int]:
@@ -301,7 +304,7 @@ class _ReplaceMoments(torch.autograd.Function):
             # Mixed dtypes: computed in float32, written in x's dtype, in one pass.
             out = torch.addcmul(new_mean - mean * scale, xg, scale, out=torch.empty_like(xg))
         ctx.save_for_backward(xg, mean, std, *params)
-        ctx.dims, ctx.eps, ctx.kind, ctx.count = dims, eps, kind, math.prod(xg.shape[d] for d in dims)
+        ctx.dims, ctx.eps, ctx.kind, ctx.count = dims, eps, kind, _reduced_count(xg, dims)
         ctx.norm_grad, ctx.moment_grad = norm_grad, moment_grad
         return out
 
