@@ -9,6 +9,7 @@ and the surviving mutants.
     pip install mutmut==3.8.1
     python benchmarks/mutation.py                  # every module in only_mutate
     python benchmarks/mutation.py losses moex      # some of them
+    python benchmarks/mutation.py --survivors moex # only the survivors of the last run (after new tests)
     python benchmarks/mutation.py --report         # the table of the last runs, running nothing
 
 mutmut works in ``mutants/`` (a copy of the project; git-ignored) and keeps its results there, so
@@ -58,6 +59,39 @@ def mutmut_results() -> dict:
                                         check=True, capture_output=True, text=True).stdout)
 
 
+def merge_rerun(previous: dict, rerun: dict) -> dict:
+    """The statuses of a re-run of survivors laid over those of the runs before it.
+
+    mutmut marks every mutant 'not checked' when it finds tests it has not seen, so after a
+    re-run its own results hold only the mutants that were re-run.
+
+    Args:
+        previous: {module: {mutant name: status}} before the re-run.
+        rerun: The same after it.
+
+    Returns:
+        {module: {mutant name: status}}: the re-run's statuses where it checked the mutant,
+        the previous ones elsewhere.
+    """
+    merged = {module: dict(statuses) for module, statuses in previous.items()}
+    for module, statuses in rerun.items():
+        merged.setdefault(module, {}).update((n, s) for n, s in statuses.items() if s != 'not checked')
+    return merged
+
+
+def changed_modules(modules: list, root: Path = ROOT) -> list:
+    """The modules whose source is newer than mutmut's copy of it in ``mutants/`` (or that it has no copy of).
+
+    mutmut makes such a module's mutants anew, numbered anew, so the survivors of its last run
+    name other mutants.
+    """
+    def source(module, base):
+        return base / (module.replace('.', '/') + '.py')
+
+    return [m for m in modules if not source(m, root / 'mutants').is_file()
+            or source(m, root).stat().st_mtime > source(m, root / 'mutants').stat().st_mtime]
+
+
 def table(by_module: dict, modules: list) -> str:
     """Markdown rows: module, mutants, killed, timeout, survived, other, score.
 
@@ -97,11 +131,18 @@ def main(argv=None) -> int:
     unknown = [m for m in wanted if m not in configured]
     if unknown:
         parser.error(f'{", ".join(unknown)} not in [tool.mutmut] only_mutate of pyproject.toml: {", ".join(configured)}')
+    if args.survivors and not args.report:
+        changed = changed_modules(wanted)
+        if changed:
+            short = ' '.join(m.rpartition('.')[2] for m in changed)
+            parser.error(f'{", ".join(changed)} changed since the last mutation run, so the survivors it names are '
+                         f'other mutants now; run the whole module: python benchmarks/mutation.py {short}')
+    # the statuses a re-run of survivors is laid over
+    previous = mutmut_results() if args.survivors and not args.report else {}
     if not args.report:
         # one torch thread per mutant worker: more would only fight over the same cores
         children = args.max_children or os.cpu_count() or 1
         env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // children))}
-        previous = mutmut_results() if args.survivors else {}
         for module in wanted:
             # a name pattern re-runs every mutant it matches, whatever its last result; a mutant that no test
             # reached survives as surely as one that every test passed
@@ -120,7 +161,7 @@ def main(argv=None) -> int:
                 subprocess.run([sys.executable, '-m', 'mutmut', 'run', *names, *options], cwd=ROOT, check=True,
                                stdout=out, stderr=subprocess.STDOUT, env=env)
             print(f'# {module}: {time.monotonic() - start:.0f} s wall', flush=True)
-    by_module = mutmut_results()
+    by_module = merge_rerun(previous, mutmut_results())
     mutmut_version = subprocess.run([sys.executable, '-m', 'mutmut', '--version'], capture_output=True,
                                     text=True).stdout.strip()
     print(f'# {platform.platform()}, python {platform.python_version()}, torch {torch.__version__}, {mutmut_version}')

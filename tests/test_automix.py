@@ -246,8 +246,6 @@ def test_feature_layer_errors():
         with pytest.raises(ValueError, match=r'^AutoMix needs intermediate feature maps, but Sequential exposes no '
                                              r'feature_info; accepted: a timm CNN'):
             resolve_feature_layer(plain, -2)
-    with pytest.raises(ValueError, match=r"\(B, C, H, W\) feature maps.*'blocks.10'.*\(1, 197, 192\)"):
-        AutoMix(timm.create_model('vit_tiny_patch16_224', num_classes=NUM_CLASSES))
     assert parse_feature_layer(' -2') == -2 and parse_feature_layer('layer3') == 'layer3'
 
 
@@ -517,9 +515,56 @@ def test_a_deep_copy_of_the_model_carries_no_automix():
     torch.testing.assert_close(plain, clone.fc(clone.forward_head(clone.forward_features(x), pre_logits=True)))
 
 
-def test_model_without_classifier_is_refused():
-    with pytest.raises(ValueError, match='separate head.*num_classes > 0, or pass mix_head=False'):
-        AutoMix(timm.create_model('resnet18_cifar', num_classes=0))
+class _Pair(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+class HeadlessNet(nn.Module):
+    """A CNN with feature_info and no get_classifier; its forward skips ``unused``, and ``pair`` gives a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.stage = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.unused = nn.Conv2d(8, 8, 1)
+        self.pair = _Pair()
+        self.feature_info = [dict(module='stem'), dict(module='stage')]
+
+    def forward(self, x):
+        x, _ = self.pair(self.stage(self.stem(x)))
+        return x.mean((2, 3))
+
+
+@pytest.mark.parametrize('model, name, classifier', [
+    (lambda: timm.create_model('resnet18_cifar', num_classes=0), 'CifarResNet', 'Identity'),
+    (HeadlessNet, 'HeadlessNet', 'NoneType'),
+])
+def test_model_without_classifier_is_refused(model, name, classifier):
+    with pytest.raises(ValueError, match=rf'^AutoMix trains a separate head on the mixed images, but {name} has no '
+                                         rf'classifier with parameters among its modules \(get_classifier\(\) gave '
+                                         rf'{classifier}\); build it with num_classes > 0, or pass mix_head=False$'):
+        AutoMix(model())
+
+
+def test_feature_layer_that_never_runs_or_gives_no_maps_is_refused():
+    size = (3, 8, 8)
+    automix = AutoMix(HeadlessNet(), feature_layer='stage', mix_head=False, input_size=size)
+    assert automix.mix_head is None and automix.mix_block.query.in_channels == 8 + 1
+    with pytest.raises(RuntimeError, match=r"^the forward pass of HeadlessNet never ran 'unused'$"):
+        AutoMix(HeadlessNet(), feature_layer='unused', mix_head=False, input_size=size)
+    with pytest.raises(ValueError, match=r"^AutoMix needs \(B, C, H, W\) feature maps, but 'pair' of HeadlessNet gives "
+                                         r"tuple; accepted: a timm CNN"):
+        AutoMix(HeadlessNet(), feature_layer='pair', mix_head=False, input_size=size)
+    with pytest.raises(ValueError, match=r"^AutoMix needs \(B, C, H, W\) feature maps, but 'blocks.10' of "
+                                         r"VisionTransformer gives \(1, 197, 192\); accepted: a timm CNN"):
+        AutoMix(timm.create_model('vit_tiny_patch16_224', num_classes=NUM_CLASSES))
+
+
+def test_mix_block_takes_the_model_dtype():
+    automix = AutoMix(cifar_model().double())
+    assert {p.dtype for p in automix.mix_block.parameters()} == {torch.float64}
+    assert automix.features(batch()[0].double()).dtype == torch.float64
 
 
 def test_two_forwards_match_the_single_forward_without_batch_norm_coupling(monkeypatch):
@@ -731,6 +776,18 @@ def test_prepare_distributed_wraps_the_model_and_the_mix_block(one_process_group
     result = task(*batch())
     result['loss'].backward()
     assert automix.mix_block.query.weight.grad is not None
+
+
+def test_prepare_distributed_searches_unused_parameters_of_the_model_only(one_process_group):
+    """find_unused_parameters=True (a model with branches a step may skip) reaches the model's DDP. AutoMix's
+    parameters all take a gradient every step, the mixed-image head's through the model's forward: a search from
+    AutoMix's own outputs would mark that head unused, then see its gradient arrive."""
+    model = cifar_model()
+    task = AutoMixTask(model, verbose=False).prepare_distributed(find_unused_parameters=True)
+    assert task.trainable_module.find_unused_parameters and not task.automix.find_unused_parameters
+    for seed in range(2):
+        task(*batch(seed=seed))['loss'].backward()
+    assert task.automix.module.mix_head.bias.grad is not None
 
 
 def test_two_forwards_refuse_ddp_in_full():

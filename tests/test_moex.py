@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from timm_moex import MOEX_NORMS, moment_exchange
+from timm_moex import MOEX_NORMS, mix_moments, moment_exchange, moment_shape, perturb_moments
 from timm_moex.moex import parse_norm
 
 NORMS = ['pono', 'in', 'ln', 'gn2', 'gn-d4', 'gpono2', 'gn1', 'gpono4']
@@ -237,3 +237,26 @@ def test_parse_norm_names_the_kind_and_its_grouping():
 def test_every_reduced_dimension_counts_towards_the_two_elements():
     x = torch.randn(2, 4, 3, 1)  # instance norm over 3 x 1 positions: 3 elements each
     assert moment_exchange(x, torch.tensor([1, 0]), norm='in').shape == x.shape
+
+
+@pytest.mark.parametrize('norm', ['pono', 'gn2', 'gn-d4', 'gpono2'])
+def test_the_moment_ops_trace_into_one_graph(norm):
+    """torch.compile(fullgraph=True) traces MoEx, MixStyle and DSU, forward and backward, with no graph break.
+
+    The model compiles are slow tests; this one keeps Python the tracer cannot follow out of
+    the op in the fast subset too.
+    """
+    x = torch.randn(4, 8, 3, 3, requires_grad=True)
+    perm, weight = torch.tensor([1, 2, 3, 0]), torch.rand(4)
+    noise = torch.randn(moment_shape(x, norm)), torch.randn(moment_shape(x, norm))
+
+    def ops(t):
+        return (moment_exchange(t, perm, norm=norm, impl='torch'), mix_moments(t, perm, weight, norm=norm),
+                perturb_moments(t, *noise, norm=norm))
+
+    compiled = torch.compile(ops, fullgraph=True, backend='eager')
+    outs, expected = compiled(x), ops(x)
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(sum(o.square().sum() for o in outs), x)
+    torch.testing.assert_close(grads, torch.autograd.grad(sum(o.square().sum() for o in expected), x))

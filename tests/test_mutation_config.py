@@ -2,6 +2,7 @@
 mutates library modules only, docs/mutation.md reports exactly those modules, and the driver
 benchmarks/mutation.py reads mutmut's results correctly. Nothing here runs mutmut."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -120,3 +121,47 @@ def test_table_counts_timeouts_as_caught_and_leaves_unchecked_mutants_out(driver
     assert lines[5] == '| `timm_moex.checks` | not run | | | | | |'
     assert lines[6] == '| `timm_moex.tasks` | not run | | | | | |'
     assert len(lines) == 7
+
+
+def test_a_rerun_of_survivors_is_laid_over_the_runs_before(driver):
+    previous = driver.parse_results(SAMPLE_RESULTS)
+    # mutmut found new tests: everything else is 'not checked' again
+    rerun = driver.parse_results('''\
+    timm_moex.losses.x_interpolated_loss__mutmut_1: not checked
+    timm_moex.losses.x_interpolated_loss__mutmut_2: killed
+    timm_moex.hooks.xǁMoExHookǁarm__mutmut_2: survived
+    timm_moex.hooks.x_get_moex_hook__mutmut_1: timeout
+    timm_moex.moex.x_parse_norm__mutmut_2: not checked
+''')
+    merged = driver.merge_rerun(previous, rerun)
+    assert merged['timm_moex.losses'] == {**previous['timm_moex.losses'],
+                                          'timm_moex.losses.x_interpolated_loss__mutmut_2': 'killed'}
+    assert merged['timm_moex.hooks'] == {'timm_moex.hooks.xǁMoExHookǁarm__mutmut_2': 'survived',
+                                         'timm_moex.hooks.x_get_moex_hook__mutmut_1': 'timeout'}
+    assert merged['timm_moex.moex'] == previous['timm_moex.moex']
+    assert merged['timm_moex.checks'] == previous['timm_moex.checks']
+    assert previous == driver.parse_results(SAMPLE_RESULTS), 'the previous statuses are not changed in place'
+
+
+def test_a_module_changed_since_its_last_run_is_named(driver, tmp_path):
+    for name in ('losses', 'hooks', 'moex'):
+        (tmp_path / 'timm_moex').mkdir(exist_ok=True)
+        (tmp_path / 'timm_moex' / f'{name}.py').write_text('')
+    (tmp_path / 'mutants' / 'timm_moex').mkdir(parents=True)
+    for name, age in (('losses', 0), ('hooks', 100)):  # the copy's age relative to the source
+        copy = tmp_path / 'mutants' / 'timm_moex' / f'{name}.py'
+        copy.write_text('')
+        mtime = (tmp_path / 'timm_moex' / f'{name}.py').stat().st_mtime
+        os.utime(copy, (mtime - age, mtime - age))
+    modules = ['timm_moex.losses', 'timm_moex.hooks', 'timm_moex.moex']
+    assert driver.changed_modules(modules, tmp_path) == ['timm_moex.hooks', 'timm_moex.moex']
+
+
+def test_survivors_of_a_changed_module_are_refused_in_one_line(driver, monkeypatch, capsys):
+    monkeypatch.setattr(driver, 'changed_modules', lambda modules, root=ROOT: [m for m in modules if 'hooks' in m])
+    with pytest.raises(SystemExit) as exit_info:
+        driver.main(['--survivors', 'losses', 'hooks'])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].partition(': error: ')[2] == (
+        'timm_moex.hooks changed since the last mutation run, so the survivors it names are other '
+        'mutants now; run the whole module: python benchmarks/mutation.py hooks')

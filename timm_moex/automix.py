@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.task import ClassificationTask
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checks import check_beta_alpha, check_choice, check_unit_interval
 from .hooks import MoExHook, get_moex_hook
@@ -590,12 +591,21 @@ class AutoMixTask(ClassificationTask):
         return self.area_weight * automix.ramp
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'AutoMixTask':
-        """Wrap the model and the AutoMix module (the Mix Block's gradients) in DDP."""
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        """Wrap the model and the AutoMix module (the Mix Block's and the mixed-image head's gradients) in DDP.
+
+        Args:
+            device_ids: DDP's ``device_ids`` (None for a CPU module).
+            **ddp_kwargs: The model's DDP arguments. The AutoMix module takes them too, except
+                ``find_unused_parameters``, which is False there.
+        """
         if self.two_forwards:
             raise ValueError('two_forwards runs the model twice per backward, which DDP does not support; '
                              'use the single forward (two_forwards=False) for distributed training')
         super().prepare_distributed(device_ids=device_ids, **ddp_kwargs)
+        # Every AutoMix parameter takes a gradient each step, the mixed-image head's through the
+        # model's forward: a search for unused parameters from AutoMix's own outputs would mark
+        # that head unused, and DDP then fails when its gradient arrives.
+        ddp_kwargs['find_unused_parameters'] = False
         self.automix = DDP(self.automix, device_ids=device_ids, **ddp_kwargs)
         return self
 

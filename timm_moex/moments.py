@@ -16,7 +16,6 @@ float64), under autocast too, with a hand-written backward. The new moments are
   ICLR 2022): ``mean + noise * std_batch(mean)`` and ``std + noise' * std_batch(std)``, where
   ``std_batch`` is the standard deviation over the batch of each statistic (:func:`perturb_moments`).
 """
-import math
 import re
 from typing import List, Sequence, Tuple
 
@@ -137,7 +136,11 @@ def moment_view(x: torch.Tensor, norm: str, channel_dim: int, op: str) -> Tuple[
 
 def _reduced_count(xg: torch.Tensor, dims: Sequence[int]) -> int:
     """How many elements each mean and std reduces over (from the shape, so also for an empty batch)."""
-    return math.prod(xg.shape[d] for d in dims)
+    # A plain loop: torch.compile cannot trace math.prod over a generator of sizes.
+    count = 1
+    for d in dims:
+        count *= xg.shape[d]
+    return count
 
 
 def _stat_shape(xg: torch.Tensor, dims: Sequence[int]) -> List[int]:
