@@ -131,14 +131,15 @@ def main(argv=None) -> int:
     unknown = [m for m in wanted if m not in configured]
     if unknown:
         parser.error(f'{", ".join(unknown)} not in [tool.mutmut] only_mutate of pyproject.toml: {", ".join(configured)}')
-    if args.survivors and not args.report:
+    rerun_survivors = args.survivors and not args.report
+    if rerun_survivors:
         changed = changed_modules(wanted)
         if changed:
             short = ' '.join(m.rpartition('.')[2] for m in changed)
             parser.error(f'{", ".join(changed)} changed since the last mutation run, so the survivors it names are '
                          f'other mutants now; run the whole module: python benchmarks/mutation.py {short}')
     # the statuses a re-run of survivors is laid over
-    previous = mutmut_results() if args.survivors and not args.report else {}
+    previous = mutmut_results() if rerun_survivors else {}
     if not args.report:
         # one torch thread per mutant worker: more would only fight over the same cores
         children = args.max_children or os.cpu_count() or 1

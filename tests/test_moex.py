@@ -219,7 +219,6 @@ def test_an_empty_batch_passes_through(norm):
     assert out.shape == x.shape and x.grad.shape == x.shape
 
 
-
 def test_flat_features_exchange_over_their_channels():
     """(B, C) features: PONO's moments are each sample's mean and std over its C values."""
     torch.manual_seed(0)
@@ -248,7 +247,8 @@ def test_the_moment_ops_trace_into_one_graph(norm):
     """
     x = torch.randn(4, 8, 3, 3, requires_grad=True)
     perm, weight = torch.tensor([1, 2, 3, 0]), torch.rand(4)
-    noise = torch.randn(moment_shape(x, norm)), torch.randn(moment_shape(x, norm))
+    shape = moment_shape(x, norm)
+    noise = torch.randn(shape), torch.randn(shape)
 
     def ops(t):
         return (moment_exchange(t, perm, norm=norm, impl='torch'), mix_moments(t, perm, weight, norm=norm),

@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 
+import timm_moex
 import timm_moex.moex as moex
 from timm_moex import attach_moex, moment_exchange
 
@@ -198,7 +199,6 @@ def test_under_torch_compile_the_kernels_are_not_loaded(monkeypatch):
 
 
 def test_a_missing_triton_is_reported_once_and_not_retried(monkeypatch):
-    import timm_moex
     monkeypatch.setattr(moex, '_triton_kernels', None)
     monkeypatch.setattr(moex, '_triton_import_error', None)
     monkeypatch.delattr(timm_moex, 'moex_triton')
