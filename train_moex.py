@@ -42,7 +42,7 @@ from tqdm import tqdm
 import timm_moex  # noqa: F401  (registers the package's models with timm)
 from timm_moex import AutoMix, AutoMixTask, BiTemperedLogisticLoss, MoExClassificationTask, SnapMixTask, \
     attach_dsu, attach_mixstyle, attach_moex, get_moex_hook
-from timm_moex.automix import parse_feature_layer
+from timm_moex.task.automix import parse_feature_layer
 from timm_moex.train import ConfigError, Diverged, Interrupted, ResumeMismatch, RunError, RunFolderBusy, UserError, \
     atomic_write_text, config_help, load_config, read_run_config, resolve_output_dir, resume_differences, save_config
 from timm_moex.train.checkpoint import CheckpointManager, RunLock, TrainState, append_resume_record, export_weights, \

@@ -75,7 +75,7 @@ def fused_impls(device: torch.device) -> List[str]:
     if device.type != 'cuda':
         return []
     try:
-        import timm_moex.moex_triton  # noqa: F401
+        import timm_moex.ops.moex_triton  # noqa: F401
     except ImportError:
         return []
     return ['triton']

@@ -8,8 +8,8 @@ and the surviving mutants.
 
     pip install mutmut==3.8.1
     python benchmarks/mutation.py                  # every module in only_mutate
-    python benchmarks/mutation.py losses moex      # some of them
-    python benchmarks/mutation.py --survivors moex # only the survivors of the last run (after new tests)
+    python benchmarks/mutation.py loss.moex ops.moex   # some of them (names below timm_moex)
+    python benchmarks/mutation.py --survivors ops.moex # only the survivors of the last run (after new tests)
     python benchmarks/mutation.py --report         # the table of the last runs, running nothing
 
 mutmut works in ``mutants/`` (a copy of the project; git-ignored) and keeps its results there, so
@@ -38,7 +38,7 @@ def mutmut_config(root: Path = ROOT) -> dict:
 
 
 def configured_modules(config: dict) -> list:
-    """Dotted module names of the files in ``only_mutate`` (``timm_moex/losses.py`` -> ``timm_moex.losses``)."""
+    """Dotted module names of the files in ``only_mutate`` (``timm_moex/loss/moex.py`` -> ``timm_moex.loss.moex``)."""
     return [path[:-len('.py')].replace('/', '.') for path in config['only_mutate']]
 
 
@@ -119,7 +119,7 @@ def table(by_module: dict, modules: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('modules', nargs='*', help='short names (losses) or dotted ones; default: only_mutate')
+    parser.add_argument('modules', nargs='*', help='names below timm_moex (loss.moex) or full dotted ones; default: only_mutate')
     parser.add_argument('--report', action='store_true', help='print the table of the last runs, run nothing')
     parser.add_argument('--max-children', type=int, default=None,
                         help='parallel mutant workers (default: mutmut takes the CPU count)')
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     if rerun_survivors:
         changed = changed_modules(wanted)
         if changed:
-            short = ' '.join(m.rpartition('.')[2] for m in changed)
+            short = ' '.join(m[len('timm_moex.'):] for m in changed)
             parser.error(f'{", ".join(changed)} changed since the last mutation run, so the survivors it names are '
                          f'other mutants now; run the whole module: python benchmarks/mutation.py {short}')
     # the statuses a re-run of survivors is laid over

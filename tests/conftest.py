@@ -8,7 +8,7 @@ from types import ModuleType
 
 import torch
 
-# Without a GPU, Triton kernels (timm_moex.moex_triton) run in Triton's CPU interpreter. Triton
+# Without a GPU, Triton kernels (timm_moex.ops.moex_triton) run in Triton's CPU interpreter. Triton
 # reads this when it is first imported, which timm does: it must be set before anything else.
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')

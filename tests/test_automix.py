@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import timm_moex  # noqa: F401  (registers resnet18_cifar)
 from timm_moex import MoExMixing, attach_moex, get_moex_hook
-from timm_moex.automix import (
+from timm_moex.task.automix import (
     AutoMix, AutoMixTask, MixBlock, cosine_ramp, mask_area_loss, mix_images, parse_feature_layer,
     resolve_feature_layer)
 from timm_moex.train import load_config
@@ -86,7 +86,7 @@ def record_arms(monkeypatch, hook) -> list:
 def non_involutive_pairings(monkeypatch, *perms):
     """Make the task's pairing draws return ``perms`` in turn (the Mix Block's, then the online encoder's)."""
     queue = [torch.as_tensor(p) for p in perms]
-    monkeypatch.setattr('timm_moex.automix.draw_pairing', lambda kind, n, device: queue.pop(0).to(device))
+    monkeypatch.setattr('timm_moex.task.automix.draw_pairing', lambda kind, n, device: queue.pop(0).to(device))
 
 
 # ---- Mix Block ----

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from timm_moex import MoExLoss, bitempered
-from timm_moex.bitempered import (
+from timm_moex import MoExLoss
+from timm_moex.loss import bitempered
+from timm_moex.loss.bitempered import (
     BiTemperedLogisticLoss, bi_tempered_logistic_loss, exp_t, log_t, tempered_normalizer, tempered_softmax)
 
 FIXED_POINT_T2 = [1.05, 1.2, 2.0, 4.0]  # t2 > 1

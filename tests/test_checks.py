@@ -1,9 +1,9 @@
-"""The shared argument checks of timm_moex.checks: what they accept, return and refuse, and their messages."""
+"""The shared argument checks of timm_moex.utils.checks: what they accept, return and refuse, and their messages."""
 import math
 
 import pytest
 
-from timm_moex.checks import check_beta_alpha, check_choice, check_unit_interval
+from timm_moex.utils.checks import check_beta_alpha, check_choice, check_unit_interval
 
 
 @pytest.mark.parametrize('value', [0, 0.0, 0.25, 1, 1.0])

@@ -1,4 +1,4 @@
-"""The MoEx demo (timm_moex.demo): the exchange in pixel and feature space, inputs, the grid and the CLI."""
+"""The MoEx demo (timm_moex.demo.cli): the exchange in pixel and feature space, inputs, the grid and the CLI."""
 import importlib.util
 import logging
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from timm_moex import demo
+from timm_moex.demo import cli as demo
 
 # Statistics over these axes of an (H, W, 3) image are the moments each norm exchanges.
 NORM_AXES = {'pono': (2,), 'in': (0, 1), 'ln': (0, 1, 2), 'gn3': (0, 1), 'gn-d3': (0, 1, 2)}
@@ -30,7 +30,7 @@ def save(array, path, mode=None):
 
 @pytest.fixture
 def demo_logs(caplog):
-    caplog.set_level(logging.INFO, logger='timm_moex.demo')
+    caplog.set_level(logging.INFO, logger='timm_moex.demo.cli')
     return caplog
 
 

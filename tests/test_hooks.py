@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-import timm_moex.hooks
+import timm_moex.hooks.moex
 from timm_moex import attach_moex, get_moex_hook, moment_exchange, resolve_moex_layer, strip_moex
 from timm_moex.hooks import MoExHook, feature_wrapper_layer
 
@@ -307,7 +307,7 @@ def test_strip_moex_removes_the_hook_and_returns_the_plain_model():
 
 def test_the_hook_hands_its_settings_to_moment_exchange(monkeypatch):
     calls = []
-    monkeypatch.setattr(timm_moex.hooks, 'moment_exchange', lambda output, perm, **kwargs: calls.append(kwargs) or output)
+    monkeypatch.setattr(timm_moex.hooks.moex, 'moment_exchange', lambda output, perm, **kwargs: calls.append(kwargs) or output)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     x, perm = torch.randn(2, 3, 8, 8), torch.tensor([1, 0])
     hook = attach_moex(model, layer='0')  # the defaults

@@ -1,5 +1,6 @@
-"""The package's shape: the library never imports the training application, imports have no cycles, and no
-import of the package's own modules hides inside a function; a wheel holds the application and its recipes."""
+"""The package's shape: the library's sub-packages import only the layers below them and never the applications,
+imports have no cycles, and no import of the package's own modules hides inside a function; a wheel holds the
+applications, the demo's images and the recipes."""
 import ast
 import json
 import os
@@ -13,7 +14,9 @@ import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / 'timm_moex'
-APPLICATION = 'timm_moex.train'
+APPLICATIONS = ('timm_moex.train', 'timm_moex.demo')
+# The library's sub-packages, bottom up: a module imports from its own sub-package or from one of a lower rank.
+LAYERS = {'utils': 0, 'ops': 1, 'loss': 1, 'hooks': 2, 'task': 3, 'models': 3}
 SCRIPT = ROOT / 'train_moex.py'
 
 
@@ -35,7 +38,7 @@ def imports(path: Path):
     found = []
 
     def resolve(target: str) -> None:
-        while target and target not in SOURCES:  # 'timm_moex.hooks.attach_moex' -> 'timm_moex.hooks'
+        while target and target not in SOURCES:  # 'timm_moex.hooks.moex.attach_moex' -> 'timm_moex.hooks.moex'
             target = target.rpartition('.')[0]
         return target or None
 
@@ -80,12 +83,43 @@ def imports(path: Path):
     return found
 
 
+def application_of(module: str):
+    """The application a module belongs to (``timm_moex.train``, ``timm_moex.demo``, ``train_moex``), or None."""
+    if module == 'train_moex':
+        return module
+    return next((app for app in APPLICATIONS if module == app or module.startswith(app + '.')), None)
+
+
+def layer_of(module: str):
+    """The library sub-package of a module (``timm_moex.hooks.moex`` -> 'hooks'), or None."""
+    parts = module.split('.')
+    return parts[1] if len(parts) > 1 and parts[0] == 'timm_moex' and parts[1] in LAYERS else None
+
+
 def test_the_library_never_imports_the_application():
     for name, path in SOURCES.items():
-        if name == APPLICATION or name.startswith(APPLICATION + '.') or path == SCRIPT:
+        if application_of(name):
             continue
-        bad = [t for t, _ in imports(path) if t == APPLICATION or t.startswith(APPLICATION + '.') or t == 'train_moex']
-        assert not bad, f'{name} imports the training application: {bad}'
+        bad = [t for t, _ in imports(path) if application_of(t)]
+        assert not bad, f'{name} imports an application: {bad}'
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    assert {layer_of(name) for name in SOURCES} - {None} == set(LAYERS), 'a sub-package of the library has no rank'
+    for name, path in SOURCES.items():
+        layer = layer_of(name)
+        if layer is None:
+            continue
+        up = sorted({t for t, _ in imports(path) if layer_of(t) not in (None, layer)
+                     and LAYERS[layer_of(t)] >= LAYERS[layer]})
+        assert not up, f'{name} ({layer}) imports {up}: not below it'
+
+
+def test_the_top_level_holds_sub_packages():
+    modules = sorted(p.name for p in PACKAGE.glob('*.py'))
+    packages = sorted(p.name for p in PACKAGE.iterdir() if (p / '__init__.py').is_file())
+    assert modules == ['__init__.py'], modules
+    assert set(packages) == set(LAYERS) | {'train', 'demo'}, packages
 
 
 def test_no_import_inside_a_function_of_the_packages_own_modules():
@@ -128,7 +162,7 @@ def test_the_checker_finds_what_it_looks_for(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], 'SOURCES',
                         {module_name(p): p for p in sorted(fake.rglob('*.py'))})
     assert imports(fake / 'a.py') == [('timm_moex.b', False), ('timm_moex.train.config', True), ('timm_moex.c', False)]
-    with pytest.raises(AssertionError, match='imports the training application'):
+    with pytest.raises(AssertionError, match='imports an application'):
         test_the_library_never_imports_the_application()
     with pytest.raises(AssertionError, match='inside a function'):
         test_no_import_inside_a_function_of_the_packages_own_modules()
@@ -147,7 +181,8 @@ def test_a_wheel_holds_the_application_and_trains_from_a_recipe_name(tmp_path):
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith('entry_points.txt'))
     assert {'train_moex.py', 'timm_moex/train/validate.py', 'timm_moex/hparams/quickstart.yaml',
-            'timm_moex/hparams/cifar100_pyramidnet200_moex.yaml'} <= names
+            'timm_moex/hparams/cifar100_pyramidnet200_moex.yaml', 'timm_moex/demo/cli.py',
+            'timm_moex/demo/assets/sample_features.png', 'timm_moex/ops/moex_triton.py'} <= names
     assert 'moex-train = train_moex:cli' in entry_points
     assert not any(n.startswith(('tests/', 'benchmarks/', 'docs/')) for n in names)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from timm_moex import MOEX_NORMS, mix_moments, moment_exchange, moment_shape, perturb_moments
-from timm_moex.moex import parse_norm
+from timm_moex.ops.moex import parse_norm
 
 NORMS = ['pono', 'in', 'ln', 'gn2', 'gn-d4', 'gpono2', 'gn1', 'gpono4']
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import timm_moex
 from timm_moex import MoExClassificationTask, MoExMixing, SnapMixTask, attach_moex
-from timm_moex.moex_mixing import coin, draw_pairing, resolve_moex_argument
+from timm_moex.task.moex_mixing import coin, draw_pairing, resolve_moex_argument
 
 
 @pytest.fixture(scope='module')

@@ -15,10 +15,10 @@ import timm
 import torch
 
 import timm_moex
-import timm_moex.moex as moex
+import timm_moex.ops.moex as moex
 from timm_moex import attach_moex, moment_exchange
 
-kernels = pytest.importorskip('timm_moex.moex_triton', reason='Triton is not installed')
+kernels = pytest.importorskip('timm_moex.ops.moex_triton', reason='Triton is not installed')
 DEVICE = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 if DEVICE.type == 'cpu' and not kernels.interpreted():
     pytest.skip('no GPU, and Triton was imported before TRITON_INTERPRET=1 was set', allow_module_level=True)
@@ -201,15 +201,15 @@ def test_under_torch_compile_the_kernels_are_not_loaded(monkeypatch):
 def test_a_missing_triton_is_reported_once_and_not_retried(monkeypatch):
     monkeypatch.setattr(moex, '_triton_kernels', None)
     monkeypatch.setattr(moex, '_triton_import_error', None)
-    monkeypatch.delattr(timm_moex, 'moex_triton')
-    monkeypatch.setitem(sys.modules, 'timm_moex.moex_triton', None)  # what an absent Triton looks like to the import
+    monkeypatch.delattr(timm_moex.ops, 'moex_triton', raising=False)
+    monkeypatch.setitem(sys.modules, 'timm_moex.ops.moex_triton', None)  # what an absent Triton looks like to the import
     x, perm = torch.randn(2, 4, 3, 3, device=DEVICE), torch.tensor([1, 0], device=DEVICE)
-    missing = cannot('Triton is not installed (import of timm_moex.moex_triton halted; None in sys.modules)')
+    missing = cannot('Triton is not installed (import of timm_moex.ops.moex_triton halted; None in sys.modules)')
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # nothing to warn about: the PyTorch ops are the expected path then
         with pytest.raises(ValueError, match=missing):
             moment_exchange(x, perm, impl='triton')
-    monkeypatch.setitem(sys.modules, 'timm_moex.moex_triton', kernels)
+    monkeypatch.setitem(sys.modules, 'timm_moex.ops.moex_triton', kernels)
     with pytest.raises(ValueError, match=missing):  # the import is tried once per process, not on every call
         moment_exchange(x, perm, impl='triton')
 
@@ -249,7 +249,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import timm_moex.moex_triton as k
+import timm_moex.ops.moex_triton as k
 
 DATA = {'x_ptr', 'out_ptr', 'g_ptr', 'dx_ptr'}
 for dtype, acc, group_c, groups, block_s in [('bf16', tl.float32, 64, 1, 64), ('fp16', tl.float32, 16, 2, 256),
@@ -295,7 +295,7 @@ def test_donor_indices_count_from_the_end_and_out_of_range_ones_poison_their_sam
 
 def test_a_triton_that_fails_to_load_leaves_the_pytorch_ops(monkeypatch):
     import builtins
-    import timm_moex.moex as moex
+    import timm_moex.ops.moex as moex
     real_import = builtins.__import__
 
     def failing_import(name, globals=None, locals=None, fromlist=(), level=0):

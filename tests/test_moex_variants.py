@@ -193,13 +193,13 @@ def test_feature_wrapper_layer_finds_the_module_under_each_wrapper():
     plain = timm.create_model('densenet121')
     listed = timm.create_model('densenet121', features_only=True)
     getter = timm.create_model('densenet121', features_only=True, feature_cls='getter')
-    assert timm_moex.hooks.feature_wrapper_layer(listed, plain, 'features.pool0') == 'features_pool0'
-    assert timm_moex.hooks.feature_wrapper_layer(getter, plain, 'features.pool0') == 'model.features.pool0'
+    assert timm_moex.hooks.layers.feature_wrapper_layer(listed, plain, 'features.pool0') == 'features_pool0'
+    assert timm_moex.hooks.layers.feature_wrapper_layer(getter, plain, 'features.pool0') == 'model.features.pool0'
     resnet = timm.create_model('resnet18')
-    assert timm_moex.hooks.feature_wrapper_layer(timm.create_model('resnet18', features_only=True), resnet,
+    assert timm_moex.hooks.layers.feature_wrapper_layer(timm.create_model('resnet18', features_only=True), resnet,
                                                  'maxpool') == 'maxpool'
     with pytest.raises(ValueError, match=r"does not keep the module 'fc' \(Linear\) of ResNet"):
-        timm_moex.hooks.feature_wrapper_layer(timm.create_model('resnet18', features_only=True), resnet, 'fc')
+        timm_moex.hooks.layers.feature_wrapper_layer(timm.create_model('resnet18', features_only=True), resnet, 'fc')
 
 
 # ---- export: strip_moex returns the plain model ----

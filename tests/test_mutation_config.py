@@ -84,42 +84,42 @@ def test_the_driver_reads_the_configuration(config, driver):
 
 
 SAMPLE_RESULTS = """\
-    timm_moex.losses.x_interpolated_loss__mutmut_1: killed
-    timm_moex.losses.x_interpolated_loss__mutmut_2: survived
-    timm_moex.losses.xǁMoExLossǁforward__mutmut_1: killed
-    timm_moex.losses.xǁMoExLossǁ__init____mutmut_3: timeout
-    timm_moex.hooks.xǁMoExHookǁarm__mutmut_2: survived
-    timm_moex.hooks.x_get_moex_hook__mutmut_1: no tests
-    timm_moex.moex.x_parse_norm__mutmut_1: not checked
-    timm_moex.moex.x_parse_norm__mutmut_2: killed
-    timm_moex.checks.x_check_choice__mutmut_1: not checked
+    timm_moex.loss.moex.x_interpolated_loss__mutmut_1: killed
+    timm_moex.loss.moex.x_interpolated_loss__mutmut_2: survived
+    timm_moex.loss.moex.xǁMoExLossǁforward__mutmut_1: killed
+    timm_moex.loss.moex.xǁMoExLossǁ__init____mutmut_3: timeout
+    timm_moex.hooks.moex.xǁMoExHookǁarm__mutmut_2: survived
+    timm_moex.hooks.moex.x_get_moex_hook__mutmut_1: no tests
+    timm_moex.ops.moex.x_parse_norm__mutmut_1: not checked
+    timm_moex.ops.moex.x_parse_norm__mutmut_2: killed
+    timm_moex.utils.checks.x_check_choice__mutmut_1: not checked
 Running stats
 """
 
 
 def test_parse_results_groups_functions_and_methods_by_module(driver):
     by_module = driver.parse_results(SAMPLE_RESULTS)
-    assert set(by_module) == {'timm_moex.losses', 'timm_moex.hooks', 'timm_moex.moex', 'timm_moex.checks'}
-    assert by_module['timm_moex.losses'] == {
-        'timm_moex.losses.x_interpolated_loss__mutmut_1': 'killed',
-        'timm_moex.losses.x_interpolated_loss__mutmut_2': 'survived',
-        'timm_moex.losses.xǁMoExLossǁforward__mutmut_1': 'killed',
-        'timm_moex.losses.xǁMoExLossǁ__init____mutmut_3': 'timeout',
+    assert set(by_module) == {'timm_moex.loss.moex', 'timm_moex.hooks.moex', 'timm_moex.ops.moex', 'timm_moex.utils.checks'}
+    assert by_module['timm_moex.loss.moex'] == {
+        'timm_moex.loss.moex.x_interpolated_loss__mutmut_1': 'killed',
+        'timm_moex.loss.moex.x_interpolated_loss__mutmut_2': 'survived',
+        'timm_moex.loss.moex.xǁMoExLossǁforward__mutmut_1': 'killed',
+        'timm_moex.loss.moex.xǁMoExLossǁ__init____mutmut_3': 'timeout',
     }
-    assert by_module['timm_moex.hooks'] == {'timm_moex.hooks.xǁMoExHookǁarm__mutmut_2': 'survived',
-                                            'timm_moex.hooks.x_get_moex_hook__mutmut_1': 'no tests'}
+    assert by_module['timm_moex.hooks.moex'] == {'timm_moex.hooks.moex.xǁMoExHookǁarm__mutmut_2': 'survived',
+                                            'timm_moex.hooks.moex.x_get_moex_hook__mutmut_1': 'no tests'}
 
 
 def test_table_counts_timeouts_as_caught_and_leaves_unchecked_mutants_out(driver):
     rows = driver.table(driver.parse_results(SAMPLE_RESULTS),
-                        ['timm_moex.losses', 'timm_moex.hooks', 'timm_moex.moex', 'timm_moex.checks', 'timm_moex.tasks'])
+                        ['timm_moex.loss.moex', 'timm_moex.hooks.moex', 'timm_moex.ops.moex', 'timm_moex.utils.checks', 'timm_moex.task.moex'])
     lines = rows.splitlines()
     assert lines[0] == '| module | mutants | killed | timeout | survived | other | score |'
-    assert lines[2] == '| `timm_moex.losses` | 4 | 2 | 1 | 1 | 0 | 75.0 % |'
-    assert lines[3] == '| `timm_moex.hooks` | 2 | 0 | 0 | 1 | 1 | 0.0 % |'
-    assert lines[4] == '| `timm_moex.moex` | 1 | 1 | 0 | 0 | 0 (+1 not checked) | 100.0 % |'
-    assert lines[5] == '| `timm_moex.checks` | not run | | | | | |'
-    assert lines[6] == '| `timm_moex.tasks` | not run | | | | | |'
+    assert lines[2] == '| `timm_moex.loss.moex` | 4 | 2 | 1 | 1 | 0 | 75.0 % |'
+    assert lines[3] == '| `timm_moex.hooks.moex` | 2 | 0 | 0 | 1 | 1 | 0.0 % |'
+    assert lines[4] == '| `timm_moex.ops.moex` | 1 | 1 | 0 | 0 | 0 (+1 not checked) | 100.0 % |'
+    assert lines[5] == '| `timm_moex.utils.checks` | not run | | | | | |'
+    assert lines[6] == '| `timm_moex.task.moex` | not run | | | | | |'
     assert len(lines) == 7
 
 
@@ -127,41 +127,41 @@ def test_a_rerun_of_survivors_is_laid_over_the_runs_before(driver):
     previous = driver.parse_results(SAMPLE_RESULTS)
     # mutmut found new tests: everything else is 'not checked' again
     rerun = driver.parse_results('''\
-    timm_moex.losses.x_interpolated_loss__mutmut_1: not checked
-    timm_moex.losses.x_interpolated_loss__mutmut_2: killed
-    timm_moex.hooks.xǁMoExHookǁarm__mutmut_2: survived
-    timm_moex.hooks.x_get_moex_hook__mutmut_1: timeout
-    timm_moex.moex.x_parse_norm__mutmut_2: not checked
+    timm_moex.loss.moex.x_interpolated_loss__mutmut_1: not checked
+    timm_moex.loss.moex.x_interpolated_loss__mutmut_2: killed
+    timm_moex.hooks.moex.xǁMoExHookǁarm__mutmut_2: survived
+    timm_moex.hooks.moex.x_get_moex_hook__mutmut_1: timeout
+    timm_moex.ops.moex.x_parse_norm__mutmut_2: not checked
 ''')
     merged = driver.merge_rerun(previous, rerun)
-    assert merged['timm_moex.losses'] == {**previous['timm_moex.losses'],
-                                          'timm_moex.losses.x_interpolated_loss__mutmut_2': 'killed'}
-    assert merged['timm_moex.hooks'] == {'timm_moex.hooks.xǁMoExHookǁarm__mutmut_2': 'survived',
-                                         'timm_moex.hooks.x_get_moex_hook__mutmut_1': 'timeout'}
-    assert merged['timm_moex.moex'] == previous['timm_moex.moex']
-    assert merged['timm_moex.checks'] == previous['timm_moex.checks']
+    assert merged['timm_moex.loss.moex'] == {**previous['timm_moex.loss.moex'],
+                                          'timm_moex.loss.moex.x_interpolated_loss__mutmut_2': 'killed'}
+    assert merged['timm_moex.hooks.moex'] == {'timm_moex.hooks.moex.xǁMoExHookǁarm__mutmut_2': 'survived',
+                                         'timm_moex.hooks.moex.x_get_moex_hook__mutmut_1': 'timeout'}
+    assert merged['timm_moex.ops.moex'] == previous['timm_moex.ops.moex']
+    assert merged['timm_moex.utils.checks'] == previous['timm_moex.utils.checks']
     assert previous == driver.parse_results(SAMPLE_RESULTS), 'the previous statuses are not changed in place'
 
 
 def test_a_module_changed_since_its_last_run_is_named(driver, tmp_path):
-    for name in ('losses', 'hooks', 'moex'):
-        (tmp_path / 'timm_moex').mkdir(exist_ok=True)
+    for name in ('loss/moex', 'hooks/moex', 'ops/moex'):
+        (tmp_path / 'timm_moex' / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / 'timm_moex' / f'{name}.py').write_text('')
-    (tmp_path / 'mutants' / 'timm_moex').mkdir(parents=True)
-    for name, age in (('losses', 0), ('hooks', 100)):  # the copy's age relative to the source
+    for name, age in (('loss/moex', 0), ('hooks/moex', 100)):  # the copy's age relative to the source
         copy = tmp_path / 'mutants' / 'timm_moex' / f'{name}.py'
+        copy.parent.mkdir(parents=True, exist_ok=True)
         copy.write_text('')
         mtime = (tmp_path / 'timm_moex' / f'{name}.py').stat().st_mtime
         os.utime(copy, (mtime - age, mtime - age))
-    modules = ['timm_moex.losses', 'timm_moex.hooks', 'timm_moex.moex']
-    assert driver.changed_modules(modules, tmp_path) == ['timm_moex.hooks', 'timm_moex.moex']
+    modules = ['timm_moex.loss.moex', 'timm_moex.hooks.moex', 'timm_moex.ops.moex']
+    assert driver.changed_modules(modules, tmp_path) == ['timm_moex.hooks.moex', 'timm_moex.ops.moex']
 
 
 def test_survivors_of_a_changed_module_are_refused_in_one_line(driver, monkeypatch, capsys):
     monkeypatch.setattr(driver, 'changed_modules', lambda modules, root=ROOT: [m for m in modules if 'hooks' in m])
     with pytest.raises(SystemExit) as exit_info:
-        driver.main(['--survivors', 'losses', 'hooks'])
+        driver.main(['--survivors', 'loss.moex', 'hooks.moex'])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].partition(': error: ')[2] == (
-        'timm_moex.hooks changed since the last mutation run, so the survivors it names are other '
-        'mutants now; run the whole module: python benchmarks/mutation.py hooks')
+        'timm_moex.hooks.moex changed since the last mutation run, so the survivors it names are other '
+        'mutants now; run the whole module: python benchmarks/mutation.py hooks.moex')

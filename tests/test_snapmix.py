@@ -13,8 +13,8 @@ from timm.task import ClassificationTask
 
 import timm_moex  # noqa: F401  (registers resnet18_cifar)
 from timm_moex import MoExMixing, attach_moex, get_moex_hook
-from timm_moex.bitempered import BiTemperedLogisticLoss
-from timm_moex.snapmix import (
+from timm_moex.loss.bitempered import BiTemperedLogisticLoss
+from timm_moex.task.snapmix import (
     SnapMixTask, cam_classifier, class_activation_maps, normalize_cams, per_sample_loss, random_box,
     same_label_weights, snapmix_boxes, snapmix_moex_weights, snapmix_paste, snapmix_weights)
 
@@ -490,7 +490,7 @@ PERM = torch.tensor([2, 3, 1, 0, 5, 4])  # no fixed point, not an involution
 
 
 def fixed_draws(monkeypatch):
-    monkeypatch.setattr('timm_moex.snapmix.snapmix_boxes', lambda h, w, alpha: (BOX_A, BOX_B))
+    monkeypatch.setattr('timm_moex.task.snapmix.snapmix_boxes', lambda h, w, alpha: (BOX_A, BOX_B))
     randperm = torch.randperm
     monkeypatch.setattr(torch, 'randperm', lambda n, **kw: PERM.clone() if n == len(PERM) else randperm(n, **kw))
 
@@ -548,7 +548,7 @@ def test_same_label_double_matches_the_reference_weights(monkeypatch):
 
 def test_boxes_are_drawn_for_the_inputs_height_and_width(monkeypatch):
     drawn = []
-    monkeypatch.setattr('timm_moex.snapmix.snapmix_boxes', lambda h, w, alpha: drawn.append((h, w, alpha)) or (BOX_A, BOX_B))
+    monkeypatch.setattr('timm_moex.task.snapmix.snapmix_boxes', lambda h, w, alpha: drawn.append((h, w, alpha)) or (BOX_A, BOX_B))
     task = SnapMixTask(cifar_model(), alpha=3.0, verbose=False).train()
     task(torch.randn(6, 3, 32, 24), torch.randint(0, 5, (6,)))
     assert drawn == [(32, 24, 3.0)]

@@ -9,7 +9,7 @@ from timm.data import Mixup
 import timm_moex
 from timm_moex import (MoExClassificationTask, attach_dsu, attach_mixstyle, attach_moex, dsu_layers, get_dsu_hook,
                        get_mixstyle_hook, mix_moments, mixstyle_layers, moment_exchange, moment_shape, perturb_moments)
-from timm_moex.moments import moment_view, replace_moments
+from timm_moex.ops.moments import moment_view, replace_moments
 
 NORMS = ['in', 'pono', 'gn2', 'ln']
 LAYOUTS = ['nchw', 'channels_last', 'nhwc', 'tokens']

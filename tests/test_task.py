@@ -213,12 +213,12 @@ def test_task_takes_the_hook_it_is_given():
 
 
 def test_task_logs_its_settings_by_default(caplog):
-    with caplog.at_level('INFO', logger='timm_moex.tasks'):
+    with caplog.at_level('INFO', logger='timm_moex.task.moex'):
         MoExClassificationTask(small_model(), prob=0.25, lam=0.9)
     assert any(r.getMessage().startswith('MoExClassificationTask: MoExMixing(') and 'prob=0.25' in r.getMessage()
                and 'lam=0.9' in r.getMessage() for r in caplog.records), caplog.text
     caplog.clear()
-    with caplog.at_level('INFO', logger='timm_moex.tasks'):
+    with caplog.at_level('INFO', logger='timm_moex.task.moex'):
         MoExClassificationTask(small_model(), verbose=False)
     assert not any(r.getMessage().startswith('MoExClassificationTask:') for r in caplog.records)
 

@@ -129,7 +129,7 @@ def test_compiled_run_traces_the_hook_in_static_graphs(run_args, tmp_path, monke
 @pytest.mark.slow
 def test_triton_kernels_train_like_the_pytorch_ops(run_args, tmp_path, monkeypatch):
     """moex_impl: triton (on a CPU, in Triton's interpreter) trains exactly as moex_impl: torch."""
-    kernels = pytest.importorskip('timm_moex.moex_triton')
+    kernels = pytest.importorskip('timm_moex.ops.moex_triton')
     if not (torch.cuda.is_available() or kernels.interpreted()):
         pytest.skip('no GPU and no Triton interpreter')
     launches = []

@@ -1,20 +1,18 @@
 """timm-moex: Moment Exchange (MoEx) for timm models.
 
 Importing the package registers its models (the PyramidNet family, CIFAR baselines and the
-``*_moex`` variants) with timm.
+``*_moex`` variants) with timm. The library's layers, each a sub-package, bottom up: ``utils`` (shared
+helpers), ``ops`` (the op and its kernels), ``hooks``, ``loss``, ``task``, ``models``; the applications
+``train`` (``moex-train``, ``moex-timm-train``) and ``demo`` (``moex-demo``) sit on top and are not imported here.
 """
-from .automix import AutoMix, AutoMixTask, MixBlock, mask_area_loss
-from .bitempered import BiTemperedLogisticLoss, bi_tempered_logistic_loss, tempered_softmax
-from .hooks import STEM_LAYERS, MoExHook, attach_moex, get_moex_hook, resolve_moex_layer, strip_moex
-from .losses import MoExLoss
+from .hooks import (MIXSTYLE_MIXES, STEM_LAYERS, DSUHook, MixStyleHook, MoExHook, StyleHook, attach_dsu, attach_mixstyle,
+                    attach_moex, dsu_layers, get_dsu_hook, get_mixstyle_hook, get_moex_hook, mixstyle_layers,
+                    resolve_moex_layer, strip_moex)
+from .loss import BiTemperedLogisticLoss, MoExLoss, bi_tempered_logistic_loss, tempered_softmax
 from .models import create_model, is_moex_variant, register_moex_variant
-from .moex import MOEX_IMPLS, MOEX_NORMS, moment_exchange
-from .moex_mixing import MoExMixing
-from .moments import mix_moments, moment_shape, perturb_moments
-from .snapmix import SnapMixTask, snapmix_boxes, snapmix_weights
-from .style_hooks import (MIXSTYLE_MIXES, DSUHook, MixStyleHook, StyleHook, attach_dsu, attach_mixstyle, dsu_layers,
-                          get_dsu_hook, get_mixstyle_hook, mixstyle_layers)
-from .tasks import MoExClassificationTask
+from .ops import MOEX_IMPLS, MOEX_NORMS, mix_moments, moment_exchange, moment_shape, perturb_moments
+from .task import AutoMix, AutoMixTask, MixBlock, MoExClassificationTask, MoExMixing, SnapMixTask, mask_area_loss, \
+    snapmix_boxes, snapmix_weights
 
 __version__ = '0.1.0'
 

@@ -21,7 +21,8 @@ from timm.models import register_model
 from timm.models._pretrained import DefaultCfg
 from timm.models._registry import get_arch_pretrained_cfgs, is_model, split_model_name_tag
 
-from ..hooks import attach_moex, feature_wrapper_layer, resolve_moex_layer
+from ..hooks.layers import feature_wrapper_layer, resolve_moex_layer
+from ..hooks.moex import attach_moex
 
 __all__ = ['create_model', 'register_moex_variant', 'is_moex_variant', 'MOEX_BASE_MODELS']
 

@@ -26,9 +26,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from ..bitempered import BiTemperedLogisticLoss
-from ..moex import MOEX_IMPLS
-from ..style_hooks import MIXSTYLE_MIXES
+from ..hooks.style import MIXSTYLE_MIXES
+from ..loss.bitempered import BiTemperedLogisticLoss
+from ..ops.moex import MOEX_IMPLS
 from .corruptions import SEVERITIES, parse_corruptions
 from .errors import ConfigError
 from .files import atomic_write_text

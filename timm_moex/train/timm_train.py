@@ -3,7 +3,7 @@
 timm's training script (``train.py`` of a timm checkout) builds its training task in one place,
 ``task = ClassificationTask(model=..., criterion=..., device=..., dtype=..., verbose=...)``.
 This entry point loads that file, unmodified, as a module and, in that module's namespace only,
-puts a factory of :class:`~timm_moex.tasks.MoExClassificationTask` in place of
+puts a factory of :class:`~timm_moex.task.moex.MoExClassificationTask` in place of
 ``ClassificationTask``; then it calls the script's ``main()``. Every timm flag keeps working; the
 MoEx settings are options of their own, taken out of the command line before timm's parser sees
 it::
@@ -36,9 +36,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 
-from ..hooks import MoExHook, attach_moex, get_moex_hook
-from ..moex import parse_norm
-from ..tasks import MoExClassificationTask
+from ..hooks.moex import MoExHook, attach_moex, get_moex_hook
+from ..ops.moex import parse_norm
+from ..task.moex import MoExClassificationTask
 from .errors import ConfigError
 from .files import atomic_write_text
 

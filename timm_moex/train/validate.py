@@ -18,11 +18,12 @@ import torch
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.optim import list_optimizers
 
-from ..automix import parse_feature_layer, resolve_feature_layer
-from ..hooks import get_moex_hook, resolve_moex_layer
-from ..moex import parse_norm
-from ..snapmix import cam_classifier
-from ..style_hooks import attach_dsu, attach_mixstyle
+from ..hooks.layers import resolve_moex_layer
+from ..hooks.moex import get_moex_hook
+from ..hooks.style import attach_dsu, attach_mixstyle
+from ..ops.moex import parse_norm
+from ..task.automix import parse_feature_layer, resolve_feature_layer
+from ..task.snapmix import cam_classifier
 from .config import TrainConfig, check_values, parse_config, resolve_output_dir
 from .corruptions import parse_corruptions
 from .data import check_data_dir, device_loader_unsupported, resolve_data_defaults

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from timm.task import ClassificationTask
 
-from .hooks import MoExHook, get_moex_hook
+from ..hooks.moex import MoExHook, get_moex_hook
 from .moex_mixing import PAIRINGS, MoExMixing
 
 __all__ = ['MoExClassificationTask', 'PAIRINGS']

@@ -4,26 +4,15 @@ from typing import Callable, Optional
 
 import torch
 
-from .checks import check_choice, check_unit_interval
-from .hooks import MoExHook
-from .losses import interpolated_loss
+from ..hooks.moex import MoExHook
+from ..loss.moex import interpolated_loss
+from ..utils.checks import check_choice, check_unit_interval
+from ..utils.random import coin
 
-__all__ = ['MoExMixing', 'PAIRINGS', 'coin', 'draw_pairing', 'resolve_moex_argument']
+__all__ = ['MoExMixing', 'PAIRINGS', 'draw_pairing', 'resolve_moex_argument']
 
 PAIRINGS = ('random', 'flip')
 """Who gives sample i its moments: a random permutation, or sample B-1-i."""
-
-
-def coin(prob: float) -> bool:
-    """A coin toss on the CPU generator: no device sync, reproducible under ``torch.manual_seed``.
-
-    Args:
-        prob: Probability of True; at 0 and at 1 nothing is drawn.
-
-    Returns:
-        True with probability ``prob``.
-    """
-    return prob == 1.0 or (prob > 0.0 and torch.rand(()).item() < prob)
 
 
 def draw_pairing(pairing: str, batch_size: int, device: torch.device) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""Regenerate the demo's sample images in this folder: ``python timm_moex/assets/make_samples.py``.
+"""Regenerate the demo's sample images in this folder: ``python timm_moex/demo/assets/make_samples.py``.
 
-The drawing is ``timm_moex.demo.make_sample_images`` (procedural, no randomness), so the files
+The drawing is ``timm_moex.demo.cli.make_sample_images`` (procedural, no randomness), so the files
 are reproducible byte for byte with the same Pillow and zlib.
 """
 from pathlib import Path
 
-from timm_moex.demo import make_sample_images
+from timm_moex.demo.cli import make_sample_images
 
 if __name__ == '__main__':
     here = Path(__file__).resolve().parent

@@ -55,11 +55,11 @@ import torch.nn.functional as F
 from timm.task import ClassificationTask
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checks import check_beta_alpha, check_choice, check_unit_interval
-from .hooks import MoExHook, get_moex_hook
-from .losses import MoExLoss
+from ..hooks.moex import MoExHook, get_moex_hook
+from ..loss.moex import MoExLoss
+from ..utils.checks import check_beta_alpha, check_choice, check_unit_interval
+from ..utils.model import unwrap_model
 from .moex_mixing import PAIRINGS, MoExMixing, draw_pairing, resolve_moex_argument
-from .wrappers import unwrap_model
 
 __all__ = ['AutoMix', 'AutoMixTask', 'MixBlock', 'mask_area_loss', 'mix_images', 'resolve_feature_layer',
            'parse_feature_layer', 'cosine_ramp', 'LAM_EMBEDS', 'UPSAMPLE_MODES']

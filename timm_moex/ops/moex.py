@@ -12,8 +12,8 @@ computed as one affine ``x * scale + shift`` with statistics in float32 (float64
 
 Two implementations give the same result: PyTorch ops with a hand-written backward (every
 device, every norm, and what ``torch.compile`` traces; shared with MixStyle and DSU in
-``timm_moex.moments``), and fused Triton kernels for 'pono' and
-'gponoG' on CUDA tensors in eager mode (``timm_moex.moex_triton``), chosen by ``impl``.
+``timm_moex.ops.moments``), and fused Triton kernels for 'pono' and
+'gponoG' on CUDA tensors in eager mode (``timm_moex.ops.moex_triton``), chosen by ``impl``.
 """
 import warnings
 from types import ModuleType
@@ -92,7 +92,7 @@ _triton_import_error: Optional[str] = None
 
 
 def _load_triton_kernels() -> Optional[ModuleType]:
-    """timm_moex.moex_triton, or None (once, with a warning, if Triton is there but fails to load)."""
+    """timm_moex.ops.moex_triton, or None (once, with a warning, if Triton is there but fails to load)."""
     global _triton_kernels, _triton_import_error
     if _triton_kernels is None and _triton_import_error is None:
         try:
@@ -100,7 +100,7 @@ def _load_triton_kernels() -> Optional[ModuleType]:
         except ImportError as e:  # no Triton (CPU-only or macOS builds of torch)
             _triton_import_error = f'Triton is not installed ({e})'
         except Exception as e:  # noqa: BLE001  a Triton this module does not work with
-            _triton_import_error = f'timm_moex.moex_triton failed to load ({type(e).__name__}: {e})'
+            _triton_import_error = f'timm_moex.ops.moex_triton failed to load ({type(e).__name__}: {e})'
             warnings.warn(f"{_triton_import_error}; moment_exchange uses PyTorch ops (impl='torch')")
         else:
             _triton_kernels = moex_triton

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .hooks import resolve_moex_layer
-from .moex import MOEX_NORMS, moment_exchange, parse_norm
+from ..hooks.layers import resolve_moex_layer
+from ..ops.moex import MOEX_NORMS, moment_exchange, parse_norm
 
 __all__ = [
     'exchange_images', 'feature_maps', 'load_image', 'load_pair', 'create_feature_model', 'render_grid',
@@ -478,7 +478,7 @@ def save_png_atomic(image: Image.Image, path: Union[str, os.PathLike]) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# The sample images the package ships (timm_moex/assets/)
+# The sample images the package ships (timm_moex/demo/assets/)
 
 def make_sample_images(size: int = SAMPLE_SIZE) -> Dict[str, Image.Image]:
     """The two sample images, drawn procedurally (no randomness), by file name.

@@ -29,10 +29,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from timm.layers import ClassifierHead, SelectAdaptivePool2d
 from timm.task import ClassificationTask
 
-from .checks import check_beta_alpha, check_choice, check_unit_interval
-from .hooks import MoExHook
-from .moex_mixing import MoExMixing, coin, resolve_moex_argument
-from .wrappers import unwrap_model
+from ..hooks.moex import MoExHook
+from ..utils.checks import check_beta_alpha, check_choice, check_unit_interval
+from ..utils.model import unwrap_model
+from ..utils.random import coin
+from .moex_mixing import MoExMixing, resolve_moex_argument
 
 __all__ = ['SnapMixTask', 'Box', 'random_box', 'snapmix_boxes', 'class_activation_maps', 'normalize_cams',
            'snapmix_weights', 'snapmix_paste', 'snapmix_moex_weights', 'same_label_weights', 'cam_classifier',

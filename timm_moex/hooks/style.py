@@ -18,11 +18,11 @@ import torch.nn as nn
 from timm.models import FeatureDictNet, FeatureGraphNet, FeatureHookNet
 from timm.models._features import FeatureGetterNet
 
-from .checks import check_beta_alpha, check_choice, check_unit_interval
-from .hooks import feature_wrapper_layer, resolve_moex_layer
-from .moex_mixing import coin
-from .moments import mix_moments, moment_shape, perturb_moments
-from .wrappers import unwrap_model
+from ..ops.moments import mix_moments, moment_shape, perturb_moments
+from ..utils.checks import check_beta_alpha, check_choice, check_unit_interval
+from ..utils.model import unwrap_model
+from ..utils.random import coin
+from .layers import feature_wrapper_layer, resolve_moex_layer, top_level_names
 
 __all__ = [
     'StyleHook', 'MixStyleHook', 'DSUHook', 'attach_mixstyle', 'attach_dsu', 'get_mixstyle_hook', 'get_dsu_hook',
@@ -37,10 +37,6 @@ _HOOK_ATTRS = {'mixstyle': '_mixstyle_hook', 'dsu': '_dsu_hook'}
 _RENAMING_WRAPPERS = (FeatureDictNet, FeatureGraphNet, FeatureHookNet)
 
 
-def _top_level_names(model: nn.Module) -> List[str]:
-    return [name for name, _ in model.named_children()]
-
-
 def _stem_and_stages(model: nn.Module) -> Tuple[Optional[str], str, List[str]]:
     """(the first convolution if it is in the stem, the stem output, the stages) of a plain model, by name."""
     stem = resolve_moex_layer(model, 'stem')
@@ -49,7 +45,7 @@ def _stem_and_stages(model: nn.Module) -> Tuple[Optional[str], str, List[str]]:
     if not info:
         raise ValueError(
             f'{type(model).__name__} has no feature_info to find its stages in; pass layers= (dotted module names), '
-            f'e.g. among {_top_level_names(model)}')
+            f'e.g. among {top_level_names(model)}')
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
 
     def in_stem(name: str) -> bool:
@@ -77,7 +73,7 @@ def _plain_architecture(wrapper: nn.Module) -> nn.Module:
     if arch is None:
         raise ValueError(
             f"Cannot find the layers of {type(wrapper).__name__}: timm's features_only wrapper keeps neither the "
-            f"model's class nor its architecture name. Pass layers= among its modules: {_top_level_names(wrapper)}")
+            f"model's class nor its architecture name. Pass layers= among its modules: {top_level_names(wrapper)}")
     with torch.device('meta'):
         return timm.create_model(arch, pretrained=False)
 
@@ -96,7 +92,7 @@ def _default_layers(model: nn.Module, method: str) -> List[str]:
                 continue  # a stage after the wrapper's last output: the wrapper does not keep it
         if not layers:
             raise ValueError(f'{type(model).__name__} keeps none of the layers {_plain_layers(plain, method)} of '
-                             f'{type(plain).__name__}; pass layers= among its modules: {_top_level_names(model)}')
+                             f'{type(plain).__name__}; pass layers= among its modules: {top_level_names(model)}')
         return layers
     return _plain_layers(model, method)
 
@@ -178,7 +174,7 @@ class StyleHook:
             except AttributeError:
                 raise ValueError(
                     f'layer {name!r} is not a module of {type(model).__name__}; its top-level modules are '
-                    f'{_top_level_names(model)}') from None
+                    f'{top_level_names(model)}') from None
         if len({id(m) for m in modules}) != len(modules):
             raise ValueError(f'layers name one module twice: {list(layers)}')
         self.layers = tuple(layers)
