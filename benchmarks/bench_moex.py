@@ -23,7 +23,7 @@ from typing import Callable, Dict, List
 import timm
 import torch
 
-from timm_moex import MoExClassificationTask, attach_moex, moment_exchange
+from timm_moex import MoExClassificationTask, MoExMixing, attach_moex, moment_exchange
 
 
 def naive_moment_exchange(x: torch.Tensor, perm: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -131,8 +131,9 @@ def bench_step(model_name: str, img_size: int, batch_size: int, dtype: torch.dty
         x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 100, (batch_size,), device=device)
     hook = attach_moex(model)
-    moex = MoExClassificationTask(model, prob=1.0, lam=0.5, verbose=False, device=device)
-    arms = {'plain': ('torch', MoExClassificationTask(model, prob=0.0, lam=0.5, verbose=False, device=device))}
+    moex = MoExClassificationTask(model, MoExMixing(hook, prob=1.0, lam=0.5), verbose=False, device=device)
+    arms = {'plain': ('torch', MoExClassificationTask(model, MoExMixing(hook, prob=0.0, lam=0.5), verbose=False,
+                                                      device=device))}
     for impl in fused_impls(device) + ['torch']:
         arms[f'moex {impl}'] = (impl, moex)
 

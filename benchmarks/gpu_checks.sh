@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# The GPU checks in one device call, most needed first. Each step runs under its own time
+# The GPU checks in one run, most needed first. Each step runs under its own time
 # limit, so one slow step (a long compile) cannot use up the others' time; the steps' outputs go to
-# $OUT (the device tool's folder) or runs/gpu_checks.
+# $OUT if it is set, else runs/gpu_checks.
 #
 #   bash benchmarks/gpu_checks.sh                                   # tests moex-op speed-resnet18: <= 8 min
 #   bash benchmarks/gpu_checks.sh speed-pyramidnet compile-pyramidnet # the PyramidNet-200 figures: <= 9 min
+#   bash benchmarks/gpu_checks.sh tests pyramidnet-step              # the paper's recipe side by side: <= 6 min
+#   bash benchmarks/gpu_checks.sh pyramidnet-step-compile            # the same, compiled (cudagraphs): <= 5 min
 #
-# The limits add up to less than one device call (600 s) for either line above.
+# The limits add up to less than 10 minutes for either of the first two lines, less than 8 for the last two.
 #
-# Data: CIFAR-10 as JPEG in data/cifar10, or its archive at .gl/cifar10_jpeg.tar.gz (carry ".gl").
+# Needs: timm with timm.task (pip install a newer timm wheel, e.g. from .whl/, where the installed one is
+# older); CIFAR-10 as JPEG in data/cifar10, or its archive at data/cifar10_jpeg.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(tests moex-op speed-resnet18)
-KNOWN=" tests moex-op speed-resnet18 speed-pyramidnet compile-resnet18 compile-pyramidnet "
+KNOWN=" tests moex-op speed-resnet18 speed-pyramidnet compile-resnet18 compile-pyramidnet pyramidnet-step pyramidnet-step-compile "
 for s in "${STEPS[@]}"; do
     if [[ "$KNOWN" != *" $s "* ]]; then
         echo "unknown step '$s'; the steps are:$KNOWN" >&2
@@ -43,15 +46,15 @@ if ! python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; the
     exit 6
 fi
 if ! python -c "import timm.task" 2>/dev/null; then
-    echo "this timm has no timm.task; carry a newer timm wheel and pip install it first" | tee -a "$OUT/env.txt"
+    echo "this timm has no timm.task; pip install a newer timm (a wheel in .whl/, say) first" | tee -a "$OUT/env.txt"
     exit 3
 fi
 python -m pip install -q --no-deps -e . > "$OUT/install.txt" 2>&1 || { tail "$OUT/install.txt"; exit 4; }
-if [ ! -d data/cifar10/train ] && [ -f .gl/cifar10_jpeg.tar.gz ]; then
-    mkdir -p data/cifar10 && tar xzf .gl/cifar10_jpeg.tar.gz -C data/cifar10
+if [ ! -d data/cifar10/train ] && [ -f data/cifar10_jpeg.tar.gz ]; then
+    mkdir -p data/cifar10 && tar xzf data/cifar10_jpeg.tar.gz -C data/cifar10
 fi
 if [ ! -d data/cifar10/train ] && [[ " ${STEPS[*]} " == *" speed-"* || " ${STEPS[*]} " == *" compile-"* ]]; then
-    echo "no data/cifar10/train and no .gl/cifar10_jpeg.tar.gz: the speed steps need CIFAR-10 as JPEG" | tee -a "$OUT/env.txt"
+    echo "no data/cifar10/train and no data/cifar10_jpeg.tar.gz: the speed steps need CIFAR-10 as JPEG" | tee -a "$OUT/env.txt"
     exit 5
 fi
 
@@ -71,5 +74,12 @@ for s in "${STEPS[@]}"; do
         # The 3x goal: the paper-code setup against train_moex.py compiled (compiling PyramidNet-200 is most of it).
         compile-pyramidnet) step 330 compile-pyramidnet python benchmarks/bench_train_speed.py --data-dir data/cifar10 \
             --only compile --log "$OUT/speed.txt" ;;
+        # Goals 1-3 on a synthetic batch (no data needed): the authors' training step against the MoEx task in fp32
+        # and in bf16 + channels_last, PyramidNet-200 at batch 64; about 100 s (4 models, cuDNN autotuning, 3 x 60 steps).
+        pyramidnet-step) step 180 pyramidnet-step python benchmarks/bench_pyramidnet_step.py --steps 20 --repeats 3 ;;
+        # The bf16 arm compiled with dynamo's cudagraphs backend (no code generation); the table's "first steps" is
+        # the launch-to-first-step time with the compilation of both graphs (MoEx and plain).
+        pyramidnet-step-compile) step 300 pyramidnet-step-compile python benchmarks/bench_pyramidnet_step.py \
+            --arms authors --compile-backend cudagraphs --steps 20 --repeats 3 ;;
     esac
 done

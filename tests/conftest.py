@@ -1,10 +1,10 @@
-"""Fixtures of the training-script tests: a tiny generated ImageFolder and a run helper."""
+"""pytest's hooks and fixtures: a tiny generated ImageFolder, a run helper, a fresh state per test.
+
+What test files import is in helpers.py.
+"""
 import gc
-import importlib.util
 import logging
 import os
-from pathlib import Path
-from types import ModuleType
 
 import torch
 
@@ -13,13 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-from PIL import Image  # noqa: E402
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import make_image_folder  # noqa: E402
 
 
 def pytest_collection_finish(session):
@@ -31,48 +28,6 @@ def pytest_collection_finish(session):
     """
     if 'MUTANT_UNDER_TEST' in os.environ:
         gc.freeze()
-
-
-def load_benchmark(name: str) -> ModuleType:
-    """The script benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / 'benchmarks' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def slow_cases(names, slow) -> list:
-    """``names`` as parametrize values, those in ``slow`` marked slow (outside the fast subset)."""
-    return [pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in names]
-
-
-def check_timm_task_arguments(make_task, caplog) -> None:
-    """A task built by ``make_task(**kwargs)`` hands timm's ClassificationTask its criterion, criterion_kwargs,
-    device, dtype and verbose, and logs nothing with ``verbose=False``."""
-    criterion = SoftTargetCrossEntropy()
-    task = make_task(criterion=criterion, device=torch.device('cpu'), dtype=torch.float64, verbose=False)
-    assert task.criterion is criterion and task.device == torch.device('cpu') and task.dtype == torch.float64
-    assert make_task(device=torch.device('meta'), verbose=False).device == torch.device('meta')
-    smoothed = make_task(criterion_kwargs=dict(smoothing=0.1), verbose=False)
-    assert isinstance(smoothed.criterion, LabelSmoothingCrossEntropy) and smoothed.criterion.smoothing == 0.1
-    caplog.clear()
-    with caplog.at_level('INFO'):
-        make_task(verbose=False)
-    assert not caplog.records
-
-
-def make_image_folder(root: Path, classes=('a', 'b'), train_per_class=16, test_per_class=9, size=32, seed=0):
-    """train/<class>/*.png and test/<class>/*.png; class k is brighter in channel k, so it is learnable."""
-    rng = np.random.default_rng(seed)
-    for split, n in (('train', train_per_class), ('test', test_per_class)):
-        for k, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = rng.integers(0, 128, (size, size, 3), dtype=np.uint8)
-                img[..., k % 3] += 100
-                Image.fromarray(img).save(folder / f'{i:03d}.png')
-    return root
 
 
 @pytest.fixture(scope='session')

@@ -1,8 +1,8 @@
 """AutoMix: the Mix Block, the momentum encoder, the task's losses and its state."""
 import copy
+import functools
 import math
 import re
-from pathlib import Path
 
 import pytest
 import timm
@@ -14,34 +14,23 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import timm_moex  # noqa: F401  (registers resnet18_cifar)
-from timm_moex import MoExMixing, attach_moex, get_moex_hook
+from timm_moex import MoExMixing, get_moex_hook
 from timm_moex.task.automix import (
     AutoMix, AutoMixTask, MixBlock, cosine_ramp, mask_area_loss, mix_images, parse_feature_layer,
     resolve_feature_layer)
 from timm_moex.train import load_config
 
-from conftest import check_timm_task_arguments
+import helpers
+from helpers import ROOT, check_timm_task_arguments
 
 NUM_CLASSES = 5
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ResNet-18 for CIFAR at a quarter of its width and one block per stage: its stages and layer names,
 # a sixteenth of its compute
 SLIM = dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128))
-
-
-def cifar_model(moex=False, seed=0, name='resnet18_cifar'):
-    torch.manual_seed(seed)
-    model = timm.create_model(name, num_classes=NUM_CLASSES, **(SLIM if name == 'resnet18_cifar' else {}))
-    if moex:
-        attach_moex(model)
-    return model
-
-
-def batch(n=6, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)
+cifar_model = functools.partial(helpers.cifar_model, num_classes=NUM_CLASSES, **SLIM)
+batch = functools.partial(helpers.batch, num_classes=NUM_CLASSES)
 
 
 def fixed_lams(monkeypatch, lam_mb, lam):
@@ -699,13 +688,9 @@ def test_both_encoders_learn_a_toy_problem():
     (dict(area_weight=math.nan), ValueError, 'area_weight must be a finite number >= 0; got nan'),
     (dict(area_weight='1'), ValueError, "area_weight must be a finite number >= 0; got '1'"),
     (dict(area_margin=2), ValueError, 'area_margin must be a number in [0, 1]; got 2'),
-    (dict(moex_prob=1.5), ValueError, 'moex_prob must be a number in [0, 1]; got 1.5'),
-    (dict(moex_lam=-0.5), ValueError, 'moex_lam must be a number in [0, 1]; got -0.5'),
     (dict(pairing='shift'), ValueError, "pairing must be one of ('random', 'flip'); got 'shift'"),
-    (dict(hook='stem'), TypeError, 'hook must be a timm_moex MoExHook (see get_moex_hook); got str'),
     (dict(automix=nn.Linear(2, 2)), TypeError, 'automix must be a timm_moex AutoMix (possibly DDP-wrapped); got Linear'),
     (dict(moex='stem'), TypeError, 'moex must be a timm_moex MoExMixing or None; got str')])
-@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # the deprecated MoEx arguments are still checked
 def test_task_rejects_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match='^' + re.escape(message) + '$'):
         AutoMixTask(cifar_model(), verbose=False, **kwargs)
@@ -719,35 +704,6 @@ def test_moex_must_share_the_pairing():
                        verbose=False)
     result = task(*batch())
     assert result['moex'] and torch.equal(result['perm'], torch.arange(5, -1, -1))
-
-
-def test_deprecated_moex_arguments_still_work_and_warn():
-    """hook=, moex_prob=, moex_lam= warn, name moex=, and give the draws and losses of the moex= task."""
-    def results(task):
-        torch.manual_seed(4)
-        return [task(*batch(seed=s)) for s in range(3)]
-
-    model = cifar_model(moex=True)
-    hook = get_moex_hook(model)
-    with pytest.warns(DeprecationWarning, match=r'AutoMixTask: hook=, moex_prob= and moex_lam= are deprecated.*'
-                                                r"moex=MoExMixing\(hook, prob=0.5, lam=0.5, pairing='flip'\)"):
-        old = AutoMixTask(model, pairing='flip', hook=hook, moex_prob=0.5, verbose=False)
-    assert (old.moex.hook, old.moex.prob, old.moex.lam, old.moex.pairing) == (hook, 0.5, 0.5, 'flip')
-    old_results = results(old)
-    new_model = cifar_model(moex=True)
-    new = AutoMixTask(new_model, pairing='flip', moex=MoExMixing(get_moex_hook(new_model), prob=0.5, pairing='flip'),
-                      verbose=False)
-    new_results = results(new)
-    assert 0 < sum(r['moex'] for r in old_results) < 3
-    for a, b in zip(old_results, new_results):
-        assert a.keys() == b.keys() and a['moex'] == b['moex']
-        torch.testing.assert_close(a['loss'], b['loss'], rtol=0, atol=0)
-
-
-def test_moex_and_deprecated_arguments_together_are_refused():
-    model = cifar_model(moex=True)
-    with pytest.raises(ValueError, match='AutoMixTask got moex= and moex_prob=; pass moex= alone'):
-        AutoMixTask(model, moex=MoExMixing(get_moex_hook(model)), moex_prob=0.5, verbose=False)
 
 
 @pytest.mark.parametrize('kwargs, match', [

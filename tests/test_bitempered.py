@@ -372,3 +372,61 @@ def test_five_iterations_by_default(monkeypatch):
         five = bi_tempered_logistic_loss(a, y, 0.8, t2, num_iters=5)
         assert torch.equal(bi_tempered_logistic_loss(a, y, 0.8, t2), five)
         assert torch.equal(BiTemperedLogisticLoss(0.8, t2)(a, y), five)
+
+
+# ---- a diverging run, a bad label ----
+
+@pytest.mark.parametrize('bad', [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize('t1, t2', [(0.8, 1.2), (1.0, 1.0), (0.5, 0.5), (0.8, 0.5)])
+def test_a_non_finite_logit_gives_a_nan_loss(bad, t1, t2):
+    """A diverging run must trip the divergence stop at its first step: no finite loss for such a row."""
+    out = torch.randn(3, 4)
+    out[1, 2] = bad
+    y = torch.tensor([0, 1, 3])
+    per = BiTemperedLogisticLoss(t1, t2, reduction='none')(out, y)
+    assert torch.isnan(per[1]) and torch.isfinite(per[[0, 2]]).all()
+    assert torch.isnan(BiTemperedLogisticLoss(t1, t2)(out, y))
+    assert torch.isnan(BiTemperedLogisticLoss(t1, t2)(torch.full((2, 3), math.nan), torch.tensor([0, 2])))
+
+
+@pytest.mark.parametrize('index', [7, 3, -1])
+def test_a_class_index_out_of_range_is_refused(index):
+    with pytest.raises(ValueError, match=rf'^target holds class index {index}, outside the 3 classes of the logits: '
+                                         r'class indices must be in 0\.\.2$'):
+        BiTemperedLogisticLoss()(torch.randn(2, 3), torch.tensor([0, index]))
+
+
+def test_an_unchecked_class_index_out_of_range_gives_a_nan_row():
+    """Where the index cannot be checked without a device synchronization (here vmap), its row is NaN."""
+    out, y = torch.randn(3, 4), torch.tensor([0, 4, 2])
+    per = torch.func.vmap(lambda o, t: BiTemperedLogisticLoss()(o[None], t[None]))(out, y)
+    assert torch.isnan(per[1]) and torch.isfinite(per[[0, 2]]).all()
+
+
+# ---- the gradient of the authors' released code ----
+
+def released_gradient(a: torch.Tensor, y: torch.Tensor, t1: float, t2: float) -> torch.Tensor:
+    """The custom gradient of the authors' released bi_tempered_logistic_loss, written out:
+    ``(p - y) p^(t2 - t1) - escort * sum((p - y) p^(t2 - t1))`` with ``escort = p^t2 / sum p^t2`` and 0^0 = 1."""
+    p = exp_t(a - reference_normalizer(a, t2), t2)
+    forget = (p - y) * torch.pow(p, t2 - t1)
+    escort = p.pow(t2) / p.pow(t2).sum(-1, keepdim=True)
+    return forget - escort * forget.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize('t1, t2', [(0.5, 0.5), (0.8, 0.8), (0.3, 0.3), (0.5, 0.8), (0.8, 1.2), (1.0, 1.5)])
+@pytest.mark.parametrize('soft', [False, True])
+def test_gradient_is_the_released_codes_also_outside_the_support(t1, t2, soft):
+    """Row 0's label, row 1's soft mass lie outside the support of the tempered softmax when t2 < 1; there
+    the released code's gradient is -y for t1 = t2 (the loss itself is flat)."""
+    out = torch.tensor([[10.0, 0.0, -10.0, 1.0], [0.5, -0.3, 0.2, 0.1], [-12.0, 9.0, 0.0, 3.0]],
+                       dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([2, 1, 0])
+    target = F.one_hot(y, 4).double()
+    if soft:
+        target = 0.7 * target + 0.1
+    loss = bi_tempered_logistic_loss(out, target if soft else y, t1, t2, reduction='sum')
+    grad, = torch.autograd.grad(loss, out)
+    torch.testing.assert_close(grad, released_gradient(out.detach(), target, t1, t2), rtol=1e-7, atol=1e-9)
+    if t1 == t2 and not soft:
+        assert grad[0, 2].item() == pytest.approx(-1.0)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope='module')

@@ -11,25 +11,11 @@ from timm.models.resnet import BasicBlock
 import timm_moex.models.cifar_resnet as cifar_resnet  # registers the models
 from timm_moex.models.cifar_resnet import CifarResNet, WideBasicBlock, WideResNetCifar
 
+from helpers import calibrate_bn, gradients, num_params
+
 # reduced models for the forward / training tests, built through the registered entrypoints
 SMALL_RESNET = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64))
 SMALL_WRN = dict(depth=10, widen_factor=2)
-
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def calibrate_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Set BN running stats to the batch stats of x, so eval outputs have a sane scale."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: one batch gives exactly its statistics
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
 
 
 def resnet18_cifar_count(num_classes: int) -> int:
@@ -227,13 +213,6 @@ def test_float64_and_bfloat16(name, kwargs):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
-def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    model.zero_grad()
-    torch.manual_seed(0)  # same dropout masks in both runs
-    F.cross_entropy(model(x), y).backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
 @pytest.mark.parametrize('name, kwargs', [
     ('resnet18_cifar', SMALL_RESNET),
     ('wide_resnet28_10_cifar', dict(SMALL_WRN, block_drop_rate=0.3)),
@@ -245,9 +224,9 @@ def test_grad_checkpointing_same_gradients(name, kwargs):
     calls = []
     # an inner module: non-reentrant checkpointing stops recomputing a block once it has what backward needs
     model.layer2[0].conv1.register_forward_hook(lambda *_: calls.append(1))
-    reference = _gradients(model, x, y)
+    reference = gradients(model, x, y)
     model.set_grad_checkpointing(True)
-    checkpointed = _gradients(model, x, y)
+    checkpointed = gradients(model, x, y)
     assert len(calls) == 3  # 1 without checkpointing, forward + recompute with it
     torch.testing.assert_close(checkpointed, reference, rtol=1e-4, atol=1e-5)
 

@@ -1,4 +1,5 @@
 """The training configuration: YAML + command line, validated once, with clear errors."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,10 +8,10 @@ import pytest
 import timm
 import yaml
 
-from timm_moex.train import ConfigError, TrainConfig, load_config, save_config, \
+from timm_moex.train import ConfigError, DataError, TrainConfig, load_config, read_run_config, save_config, \
     validate_config
 
-from conftest import ROOT
+from helpers import ROOT
 
 HPARAMS = sorted((ROOT / 'hparams').glob('*.yaml'))
 
@@ -94,8 +95,35 @@ def test_yaml_must_be_a_mapping(tmp_path):
         load_config(['--config', str(tmp_path / 'missing.yaml')], check_paths=False)
 
 
+def test_config_that_is_a_folder_says_so(tmp_path):
+    """--config FOLDER used to say 'no such file'; a run folder's own config.yaml is suggested."""
+    with pytest.raises(ConfigError, match=rf"config: '{tmp_path}' is a folder, not a YAML file; give a YAML file or"):
+        load_config(['--config', str(tmp_path)], check_paths=False)
+    save_config(TrainConfig(), tmp_path / 'config.yaml')
+    with pytest.raises(ConfigError, match=rf"is a folder, not a YAML file; give a YAML file \(such as "
+                                          rf"'{tmp_path / 'config.yaml'}'\)"):
+        load_config(['--config', str(tmp_path)], check_paths=False)
+
+
+@pytest.mark.parametrize('argv, written', [
+    (['--eval-corruptions-severities', '1,5'], '[1,5]'),
+    (['--decay-milestones', '150, 225'], '[150,225]'),
+    (['--mean', '0.5'], '[0.5]'),  # an Optional list
+])
+def test_a_list_key_shows_the_list_syntax(argv, written):
+    """A list key given as '1,5' is refused as every list key refuses it (values are YAML), showing how a list is
+    written; the bracketed form is then accepted."""
+    key = argv[0][2:].replace('-', '_')
+    with pytest.raises(ConfigError, match=rf"{key}: expected a list of .*; write a list in brackets: "
+                                          rf"{re.escape(written)}$"):
+        load_config(argv, check_paths=False)
+    if key != 'mean':  # a mean needs 3 values
+        assert getattr(load_config([argv[0], written], check_paths=False), key) == yaml.safe_load(written)
+
+
 def test_missing_cifar_names_the_folder_and_the_download_option(tmp_path):
-    with pytest.raises(ConfigError, match=r"no cifar10 files in '.*cifar-10-batches-py'; set download: true"):
+    """A missing dataset is a data error (exit code 7, as the README says), not a configuration error."""
+    with pytest.raises(DataError, match=r"no cifar10 files \(.*cifar-10-batches-py\): set download: true"):
         load_config(['--dataset', 'cifar10', '--data-dir', str(tmp_path)])
     cfg = load_config(['--dataset', 'cifar100', '--data-dir', str(tmp_path), '--download',
                        '--output-dir', str(tmp_path / 'o')])
@@ -104,8 +132,10 @@ def test_missing_cifar_names_the_folder_and_the_download_option(tmp_path):
 
 def test_missing_image_folder(tmp_path):
     (tmp_path / 'train').mkdir()
-    with pytest.raises(ConfigError, match=r"data_dir: '.*' must hold train/ and one of test/, val/"):
+    with pytest.raises(DataError, match=r"data_dir: no test/, val/ or validation/ for dataset='imagefolder' "
+                                        r"\(.*\): give --data-dir the folder that holds train/ and test/"):
         load_config(['--dataset', 'imagefolder', '--data-dir', str(tmp_path)])
+    assert DataError.exit_code == 7
 
 
 def test_resume_and_eval_only_paths(tmp_path):
@@ -184,3 +214,18 @@ def test_mixstyle_and_dsu_defaults_are_the_authors():
     cfg = load_config(['--mixstyle', '--dsu'], check_paths=False)
     assert (cfg.mixstyle_p, cfg.mixstyle_alpha, cfg.mixstyle_mix, cfg.dsu_p) == (0.5, 0.1, 'random', 0.5)
     assert cfg.mixstyle_layers is None and cfg.dsu_layers is None  # the hooks' defaults (from feature_info)
+
+
+def test_a_run_config_is_read_whole_or_refused(tmp_path):
+    path = tmp_path / 'config.yaml'
+    cfg = TrainConfig(moex=True, moex_lam=0.9)
+    save_config(cfg, path)
+    assert read_run_config(path) == cfg.to_dict()
+    data = yaml.safe_load(path.read_text())
+    del data['moex_lam']  # read at its default, it would resume another run's settings
+    data['moex_lamb'] = 0.9
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"^resume: '.*config.yaml' lacks moex_lam; has unknown keys moex_lamb: "
+                                          r'another version of train_moex.py wrote it; resume it with that version, '
+                                          r'or start a new run in another --output-dir$'):
+        read_run_config(path)

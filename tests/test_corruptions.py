@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +19,10 @@ from timm_moex.train.device_data import DeviceImageDataset
 from timm_moex.train.metrics import evaluate
 from timm_moex.train.robustness import clean_images, evaluate_corruptions, summary_line, write_corruption_report
 
-from conftest import ROOT
+from helpers import CIFAR10_JPEG, ROOT
 
 RANDOM = {'gaussian_noise', 'shot_noise', 'impulse_noise', 'speckle_noise', 'glass_blur', 'motion_blur', 'snow', 'fog',
           'elastic_transform'}
-CIFAR10_JPEG = Path(os.environ.get('TIMM_MOEX_CIFAR10_JPEG', ROOT / 'data' / 'cifar10'))
 
 
 @pytest.fixture(scope='module')

@@ -1,9 +1,13 @@
 """The device loader: the CIFAR recipe done on whole batches of uint8 images held on the device."""
+import pickle
+
 import pytest
 import torch
 from torchvision import transforms
 
+from timm_moex.train.data import FileListDataset
 from timm_moex.train.device_data import DeviceImageDataset, augment_batch, batch_collate, stack_images
+from timm_moex.train.errors import UnreadableImage
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -107,8 +111,23 @@ def test_stack_images_resizes_and_names_a_broken_file(tmp_path):
     assert out.shape == (2, 3, 8, 8) and out.dtype == torch.uint8
     assert out[0, :, 0, 0].tolist() == [10, 20, 30] and out[1].eq(200).all()
     (tmp_path / 'c.png').write_bytes(b'not an image')
-    with pytest.raises(RuntimeError, match='c.png'):
+    with pytest.raises(UnreadableImage, match=rf"cannot be decoded \({tmp_path / 'c.png'}: UnidentifiedImageError"):
         stack_images([tmp_path / 'a.png', tmp_path / 'c.png'], size=8)
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_an_unreadable_image_stays_a_data_error_across_the_worker_boundary(workers, tmp_path):
+    """A DataLoader worker's error reaches the main process rebuilt from its traceback's text (it used to become a
+    RuntimeError there); an UnreadableImage comes back as itself, naming the file, with the data exit code."""
+    (bad := tmp_path / 'bad.jpg').write_text('not an image')
+    loader = torch.utils.data.DataLoader(FileListDataset([(str(bad), 0)], ['a']), num_workers=workers)
+    with pytest.raises(UnreadableImage) as err:
+        next(iter(loader))
+    assert err.value.exit_code == 7 and err.value.path == str(bad)
+    assert str(err.value) == (f"an image file cannot be decoded ({bad}: UnidentifiedImageError: cannot identify image "
+                              f"file '{bad}'): replace or remove the file (a truncated copy, or not an image)")
+    again = pickle.loads(pickle.dumps(err.value))
+    assert type(again) is UnreadableImage and str(again) == str(err.value)
 
 
 @pytest.mark.parametrize('loader', ['workers', 'device'])

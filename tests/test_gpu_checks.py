@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 SCRIPT = ROOT / 'benchmarks' / 'gpu_checks.sh'
 pytestmark = pytest.mark.skipif(shutil.which('bash') is None, reason='needs bash')
 

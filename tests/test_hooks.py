@@ -9,7 +9,8 @@ import timm_moex.hooks.moex
 from timm_moex import attach_moex, get_moex_hook, moment_exchange, resolve_moex_layer, strip_moex
 from timm_moex.hooks import MoExHook, feature_wrapper_layer
 
-from conftest import slow_cases
+import helpers
+from helpers import freeze_batch_stats, slow_cases
 
 # (timm model, kwargs that keep it small and fast on CPU, input size, the stem output module of that family)
 MODELS = {
@@ -28,24 +29,13 @@ MODEL_PARAMS = slow_cases(MODELS, ('efficientnet_b0', 'densenet121'))
 
 def make(name, seed=0):
     kwargs, size, _ = MODELS[name]
-    torch.manual_seed(seed)
-    model = timm.create_model(name, **kwargs)
+    model, x = helpers.make(name, size, seed, **kwargs)
     if name.startswith('convnext'):
         # The stem ends in a LayerNorm over channels: at init (weight 1, bias 0) every position
         # has PONO moments (0, 1) and there is nothing to exchange. Trained weights differ.
         torch.nn.init.normal_(model.stem[1].weight)
         torch.nn.init.normal_(model.stem[1].bias)
-    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
     return model, x
-
-
-def freeze_batch_stats(model):
-    """Training mode with BN running statistics untouched, so forwards are comparable."""
-    model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = 0.0
-    return model
 
 
 @pytest.mark.parametrize('name', MODEL_PARAMS)
@@ -307,7 +297,13 @@ def test_strip_moex_removes_the_hook_and_returns_the_plain_model():
 
 def test_the_hook_hands_its_settings_to_moment_exchange(monkeypatch):
     calls = []
-    monkeypatch.setattr(timm_moex.hooks.moex, 'moment_exchange', lambda output, perm, **kwargs: calls.append(kwargs) or output)
+
+    def exchange(output, perm, norm, spec, eps, channel_dim, detach, impl):
+        calls.append(dict(norm=norm, eps=eps, channel_dim=channel_dim, detach=detach, impl=impl))
+        assert spec == timm_moex.ops.moex.parse_norm(norm)
+        return output
+
+    monkeypatch.setattr(timm_moex.hooks.moex, 'exchange_parsed', exchange)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     x, perm = torch.randn(2, 3, 8, 8), torch.tensor([1, 0])
     hook = attach_moex(model, layer='0')  # the defaults
@@ -323,8 +319,10 @@ def test_the_hook_hands_its_settings_to_moment_exchange(monkeypatch):
     model(x)
     assert calls == [dict(norm='pono', eps=1e-5, channel_dim=1, detach=False, impl='auto'),
                      dict(norm='gn2', eps=0.0, channel_dim=-1, detach=True, impl='torch')]
-    with pytest.raises(ValueError, match=r'^eps must be >= 0; got -1e-06$'):
-        attach_moex(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), layer='0', eps=-1e-6)
+    for eps in (-1e-6, float('inf')):
+        with pytest.raises(ValueError, match=rf'^eps must be a finite number >= 0 \(it is added to the variance\); '
+                                             rf'got {eps!r}$'):
+            attach_moex(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), layer='0', eps=eps)
 
 
 def test_a_getter_wrapper_of_an_nhwc_model_exchanges_over_the_channels_last():
@@ -366,3 +364,143 @@ def test_stem_layers_come_before_the_group_matcher():
     model.maxpool = torch.nn.MaxPool2d(2)
     assert resolve_moex_layer(model) == 'maxpool'
     assert resolve_moex_layer(Staged(r'^stem')) == 'stem_pool'
+
+
+def test_the_hook_parses_its_norm_once_and_checks_its_impl(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    hook = attach_moex(model, layer='0', norm='gn2', impl='torch')
+    x, perm = torch.randn(2, 3, 8, 8), torch.tensor([1, 0])
+    model.train()
+    with torch.no_grad():
+        expected = moment_exchange(model[0](x), perm, norm='gn2')  # the hook is not armed yet
+    hook.arm(perm)
+
+    def no_parsing(norm):
+        raise AssertionError(f'{norm!r} parsed in a forward')
+
+    monkeypatch.setattr(timm_moex.ops.moments, 'parse_norm', no_parsing)
+    monkeypatch.setattr(timm_moex.ops.moex, 'parse_norm', no_parsing)
+    with torch.no_grad():
+        out = model(x)
+    assert not hook.armed and not torch.allclose(out, model[0](x))
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(AttributeError):
+        hook.norm = 'in'  # the parsed form would no longer be the norm's
+    with pytest.raises(ValueError, match=r"^impl='cuda' is not an implementation of moment_exchange"):
+        hook.impl = 'cuda'
+    assert hook.impl == 'torch'
+    with pytest.raises(ValueError, match=r"^impl='cuda' is not an implementation of moment_exchange"):
+        attach_moex(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), layer='0', impl='cuda')
+
+
+def test_convert_sync_batchnorm_keeps_the_hook_and_timms_activations():
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv3_small_050', num_classes=3).eval()
+    hook = attach_moex(model, layer='bn1', norm='in', eps=1e-3, detach=True, channel_dim=1, impl='torch')
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    converted = timm_moex.convert_sync_batchnorm(model)
+    # timm's BatchNormAct layers keep their activation (torch's converter drops it, silently)
+    assert type(converted.bn1).__name__ == 'SyncBatchNormAct'
+    torch.testing.assert_close(converted(x), expected)
+    moved = get_moex_hook(converted)
+    assert moved is not hook and not hook.attached and moved.attached and moved._module is converted.bn1
+    assert (moved.layer, moved.norm, moved.eps, moved.detach, moved.channel_dim, moved.impl) == \
+        ('bn1', 'in', 1e-3, True, 1, 'torch')
+
+
+def test_reattach_moex_moves_a_hook_only_off_a_replaced_module():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    hook = attach_moex(model, layer='1')
+    assert timm_moex.reattach_moex(model) is hook  # its module is still the model's
+    model[1] = torch.nn.BatchNorm2d(4)
+    moved = timm_moex.reattach_moex(torch.nn.DataParallel(model))
+    assert moved is get_moex_hook(model) and moved._module is model[1] and not hook.attached
+    assert timm_moex.reattach_moex(torch.nn.Linear(2, 2)) is None
+
+
+# ---- a hook that nothing arms ----
+
+def _tiny(moex_layer='0'):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    return model, attach_moex(model, layer=moex_layer)
+
+
+UNARMED = ("The MoEx hook at '0' ran 3 training forwards and was never armed, so no moments were exchanged: train "
+           "with timm_moex.MoExClassificationTask (timm's train.py: moex-timm-train), or call hook.arm(perm) before "
+           "each forward")
+
+
+def test_a_hook_that_timms_plain_task_never_arms_says_once_how_to_get_moex(monkeypatch, caplog):
+    """timm's train.py with a *_moex model trained a whole run without one exchange, silently."""
+    monkeypatch.setattr(timm_moex.hooks.moex, 'UNARMED_WARNING_AFTER', 3)
+    model, hook = _tiny()
+    task = timm.task.ClassificationTask(model, criterion=torch.nn.CrossEntropyLoss(), verbose=False)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    task.eval()
+    for _ in range(5):
+        task(x, y)  # eval forwards do not count
+    task.train()
+    for step in range(8):
+        task(x, y)
+        messages = [r.getMessage() for r in caplog.records if r.name == 'timm_moex.hooks.moex']
+        assert messages == ([] if step < 2 else [UNARMED]), step
+    assert not hook.warn_unarmed
+
+
+def test_a_hook_armed_once_or_driven_by_a_task_never_says_it():
+    from timm_moex import MoExMixing
+    x = torch.randn(2, 3, 8, 8)
+    model, hook = _tiny()
+    assert hook.warn_unarmed
+    hook.arm(torch.tensor([1, 0]))
+    assert not hook.warn_unarmed
+    model, hook = _tiny()
+    MoExMixing(hook, prob=0.0)  # MoEx off on purpose
+    assert not hook.warn_unarmed
+    model(x)
+    assert hook._unarmed_forwards == 0
+
+
+@pytest.mark.slow  # a compile
+def test_counting_unarmed_forwards_keeps_one_compiled_graph():
+    model, hook = _tiny()
+    counts = []
+    compiled = torch.compile(model, fullgraph=True, backend=lambda gm, _: counts.append(gm) or gm.forward)
+    for _ in range(4):
+        compiled(torch.randn(2, 3, 8, 8))
+    assert len(counts) == 1 and hook.warn_unarmed
+
+
+# ---- TorchScript compiles the hook ----
+
+def test_a_hooked_model_scripts_and_the_script_leaves_moex_out():
+    """TorchScript compiles a module's forward hooks: a Python hook made timm's TorchScript tests fail."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    hook = attach_moex(model, layer='2')
+    x, perm = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 0])
+    model.eval()
+    scripted = torch.jit.script(model)
+    traced = torch.jit.script(torch.fx.symbolic_trace(model))
+    with torch.no_grad():
+        for script in (scripted, traced):
+            torch.testing.assert_close(script(x), model(x))
+        freeze_batch_stats(model)
+        hook.arm(perm)  # the eager model still exchanges moments
+        exchanged = model(x)
+        assert not hook.armed and not torch.allclose(exchanged, model(x))
+
+
+def test_each_deep_copy_runs_its_own_hook():
+    model, hook = _tiny()
+    ema = copy.deepcopy(model)
+    ema_hook = get_moex_hook(ema) or ema[0]._moex_layer_hook
+    assert ema_hook is not hook
+    ema_hook.arm(torch.tensor([1, 0]))
+    ema(torch.randn(2, 3, 8, 8))
+    assert not ema_hook.armed
+    hook.arm(torch.tensor([1, 0]))
+    ema(torch.randn(2, 3, 8, 8))
+    assert hook.armed

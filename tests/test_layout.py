@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 PACKAGE = ROOT / 'timm_moex'
 APPLICATIONS = ('timm_moex.train', 'timm_moex.demo')

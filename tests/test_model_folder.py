@@ -11,7 +11,7 @@ from torchvision import datasets
 
 import train_moex
 import timm_moex
-from timm_moex.train import model_folder
+from timm_moex.train import model_folder, run_folder
 from timm_moex.train.checkpoint import export_weights, load_weights
 from timm_moex.train import ConfigError, RunError, load_config, save_config
 from timm_moex.train.data import create_transforms, load_image
@@ -140,7 +140,7 @@ def test_push_needs_a_finished_folder_and_reports_a_failed_upload(tmp_path, fake
         raise ConnectionError('Failed to resolve huggingface.co\nmore lines')
     monkeypatch.setattr(FakeHubApi, 'create_repo', offline)
     with pytest.raises(RunError) as err:
-        train_moex.push_run(tmp_path, 'someone/x')
+        run_folder.push_run(tmp_path, 'someone/x')
     message = str(err.value)
     assert '\n' not in message and 'ConnectionError' in message and str(tmp_path) in message
 

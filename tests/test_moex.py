@@ -260,3 +260,63 @@ def test_the_moment_ops_trace_into_one_graph(norm):
         torch.testing.assert_close(out, ref)
     grads = torch.autograd.grad(sum(o.square().sum() for o in outs), x)
     torch.testing.assert_close(grads, torch.autograd.grad(sum(o.square().sum() for o in expected), x))
+
+
+def _ops(x, perm, **kwargs):
+    """MoEx and MixStyle on the same pairing (the two ops that take one)."""
+    return (lambda: moment_exchange(x, perm, **kwargs), lambda: mix_moments(x, perm, torch.rand(x.shape[0]), **kwargs))
+
+
+@pytest.mark.parametrize('eps', [-1.0, -1e-9, float('inf'), float('nan'), True, '1e-5'])
+def test_a_negative_or_non_finite_eps_is_refused_in_one_line(eps):
+    """A negative eps gave NaN features; the ops refuse it as the hook and the command line do."""
+    x = torch.randn(4, 8, 3, 3)
+    message = f'eps must be a finite number >= 0 (it is added to the variance); got {eps!r}'
+    noise = torch.randn(moment_shape(x, 'in'))
+    for op in _ops(x, torch.tensor([1, 2, 3, 0]), eps=eps) + (lambda: perturb_moments(x, noise, noise, eps=eps),):
+        with pytest.raises(ValueError, match='^' + re.escape(message) + '$'):
+            op()
+
+
+def test_eps_zero_is_accepted():
+    x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+    assert torch.isfinite(moment_exchange(x, torch.tensor([1, 2, 3, 0]), eps=0)).all()
+
+
+def test_a_perm_on_another_device_is_refused():
+    """A perm on the meta device gave values that changed from call to call."""
+    x = torch.randn(4, 8, 3, 3)
+    for op in _ops(x, torch.tensor([1, 2, 3, 0], device='meta')):
+        with pytest.raises(ValueError, match=r'^perm is on meta, the features on cpu: put perm on cpu$'):
+            op()
+
+
+@pytest.mark.parametrize('perm, message', [
+    ([1, 2, 3, 4], 'perm[3] = 4 is not a sample of the batch of 4'),
+    ([1, 9, 3, 0], 'perm[1] = 9 is not a sample of the batch of 4'),
+    ([1, 2, -5, 0], 'perm[2] = -5 is not a sample of the batch of 4'),
+])
+def test_a_donor_index_out_of_range_names_perm_its_value_and_the_batch(perm, message):
+    x = torch.randn(4, 8, 3, 3)
+    for op in _ops(x, torch.tensor(perm)):
+        with pytest.raises(ValueError, match='^' + re.escape(message) + r': donor indices must be in 0\.\.3 '
+                                             r'\(or -4\.\.-1, from the end\)$'):
+            op()
+
+
+def test_negative_donor_indices_count_from_the_end():
+    x, perm = torch.randn(4, 8, 3, 3), torch.tensor([1, -1, -4, 2])
+    torch.testing.assert_close(moment_exchange(x, perm), moment_exchange(x, perm % 4))
+
+
+@pytest.mark.parametrize('op', ['exchange', 'mix'])
+def test_donors_counted_from_the_end_give_the_same_values_and_gradients(op):
+    """perm may count from the end, as indexing does; the backward's index_add_ does not, so perm is taken mod B."""
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    negative = torch.tensor([-3, 0, 4, -4, 1])
+    weight = torch.rand(5, dtype=torch.float64)
+    results = []
+    for perm in (negative, negative.remainder(5)):
+        out = moment_exchange(x, perm, impl='torch') if op == 'exchange' else mix_moments(x, perm, weight)
+        results.append((out, *torch.autograd.grad((out ** 2).sum(), x)))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)

@@ -1,14 +1,12 @@
 """MoExMixing: the one place that decides, pairs, arms and weighs MoEx for every task."""
-import warnings
-
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
 import timm_moex
-from timm_moex import MoExClassificationTask, MoExMixing, SnapMixTask, attach_moex
-from timm_moex.task.moex_mixing import coin, draw_pairing, resolve_moex_argument
+from timm_moex import MOEX_RECIPES, AutoMixTask, MoExClassificationTask, MoExMixing, SnapMixTask, attach_moex
+from timm_moex.task.moex_mixing import check_moex_argument, coin, draw_pairing
 
 
 @pytest.fixture(scope='module')
@@ -25,6 +23,19 @@ def test_defaults_are_the_papers_cifar_recipe(hook):
     moex = MoExMixing(hook)
     assert (moex.hook, moex.prob, moex.lam, moex.pairing) == (hook, 0.25, 0.5, 'random')
     assert repr(moex) == f"MoExMixing({hook}, prob=0.25, lam=0.5, pairing='random')"
+
+
+def test_the_recipes_are_the_papers_and_read_only(hook):
+    """The official values (the paper's CIFAR and ImageNet code), spread into MoExMixing as they are."""
+    assert {name: dict(recipe) for name, recipe in MOEX_RECIPES.items()} == {
+        'cifar': dict(prob=0.25, lam=0.5), 'imagenet': dict(prob=1.0, lam=0.9),
+        'imagenet_cutmix': dict(prob=0.25, lam=0.9)}
+    moex = MoExMixing(hook, **MOEX_RECIPES['imagenet'])
+    assert (moex.prob, moex.lam) == (1.0, 0.9)
+    with pytest.raises(TypeError):
+        MOEX_RECIPES['cifar']['lam'] = 0.9
+    with pytest.raises(TypeError):
+        MOEX_RECIPES['mine'] = dict(prob=1.0, lam=1.0)
 
 
 @pytest.mark.parametrize('kwargs, error, match', [
@@ -87,7 +98,7 @@ def test_the_pairing_lives_on_the_device_asked_for(hook, pairing):
     meta = torch.device('meta')
     assert draw_pairing(pairing, 4, meta).device == meta
     assert MoExMixing(hook, prob=1.0, pairing=pairing).draw_perm(4, meta, training=True).device == meta
-    task = MoExClassificationTask(hook._model, prob=1.0, pairing=pairing, verbose=False).train()
+    task = MoExClassificationTask(hook._model, MoExMixing(hook, prob=1.0, pairing=pairing), verbose=False).train()
     assert task.draw_perm(4, meta).device == meta
 
 
@@ -109,47 +120,24 @@ def test_loss_is_the_formula(hook, lam):
 
 
 def test_the_classification_task_holds_one(hook):
-    task = MoExClassificationTask(hook._model, prob=0.7, lam=0.6, pairing='flip', verbose=False)
-    assert isinstance(task.moex, MoExMixing) and task.moex.hook is hook
-    assert (task.hook, task.prob, task.lam, task.pairing) == (hook, 0.7, 0.6, 'flip')
+    moex = MoExMixing(hook, prob=0.7, lam=0.6, pairing='flip')
+    task = MoExClassificationTask(hook._model, moex, verbose=False)
+    assert task.moex is moex and task.hook is hook
+    default = MoExClassificationTask(hook._model, verbose=False).moex  # the model's hook, the CIFAR recipe
+    assert (default.hook, default.prob, default.lam, default.pairing) == (hook, 0.25, 0.5, 'random')
 
 
-# ---- the deprecated arguments of the mixing tasks ----
-
-def test_without_deprecated_arguments_moex_passes_through(hook):
+def test_the_tasks_take_a_moex_mixing_or_none(hook):
     moex = MoExMixing(hook)
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        assert resolve_moex_argument('Task', moex) is moex
-        assert resolve_moex_argument('Task', None) is None
+    assert check_moex_argument('Task', moex, 'random') is moex and check_moex_argument('Task', None, 'flip') is None
+    with pytest.raises(TypeError, match=r'^moex must be a timm_moex MoExMixing or None; got float$'):
+        check_moex_argument('Task', 0.25, 'random')
+    with pytest.raises(TypeError, match=r'^moex must be a timm_moex MoExMixing; got MoExHook$'):
+        MoExClassificationTask(hook._model, hook, verbose=False)
 
 
-def test_deprecated_arguments_warn_at_the_callers_line(hook):
-    with pytest.warns(DeprecationWarning) as record:
-        task = SnapMixTask(hook._model, hook=hook, moex_prob=0.3, verbose=False)
-    assert (task.moex.prob, task.moex.lam) == (0.3, 0.9)
-    assert record[0].filename == __file__  # the line that built the task, not the package's
-    assert 'moex=MoExMixing(hook, prob=0.3, lam=0.9) instead' in str(record[0].message)
-
-
-def test_deprecated_arguments_keep_their_old_defaults(hook):
-    with pytest.warns(DeprecationWarning):
-        moex = resolve_moex_argument('Task', None, hook)
-    assert (moex.hook, moex.prob, moex.lam, moex.pairing) == (hook, 0.25, 0.5, 'random')
-    with pytest.warns(DeprecationWarning):
-        moex = resolve_moex_argument('Task', None, hook, moex_lam=0.7, legacy_lam=0.9, pairing='flip')
-    assert (moex.prob, moex.lam, moex.pairing) == (0.25, 0.7, 'flip')
-
-
-def test_deprecated_arguments_are_checked_under_their_names(hook):
-    with pytest.raises(ValueError, match=r'^moex_prob must be a number in \[0, 1\]; got 2$'):
-        resolve_moex_argument('Task', None, hook, moex_prob=2)
-    with pytest.raises(ValueError, match=r'^moex_lam must be a number in \[0, 1\]; got -1$'):
-        resolve_moex_argument('Task', None, None, moex_lam=-1)
-
-
-def test_moex_given_both_ways_is_refused_in_full():
-    moex = MoExMixing(attach_moex(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), layer='0'))
-    with pytest.raises(ValueError, match=r'^SnapMixTask got moex= and moex_prob=, moex_lam=; pass moex= alone '
-                                         r'\(hook=, moex_prob= and moex_lam= are its deprecated spelling\)$'):
-        resolve_moex_argument('SnapMixTask', moex, None, 0.5, 0.9)
+@pytest.mark.parametrize('task', [SnapMixTask, AutoMixTask])
+@pytest.mark.parametrize('old', [dict(hook=None), dict(moex_prob=0.5), dict(moex_lam=0.9)])
+def test_the_mixing_tasks_have_no_second_spelling_of_moex(hook, task, old):
+    with pytest.raises(TypeError, match='unexpected keyword argument'):
+        task(hook._model, verbose=False, **old)

@@ -9,17 +9,16 @@ import torch
 import yaml
 from timm.loss import SoftTargetCrossEntropy
 
-from conftest import ROOT
 from timm_moex.train.checkpoint import load_weights
 from timm_moex.train import ConfigError
 from timm_moex import get_moex_hook
 from timm_moex.train.timm_train import cli, hook_running_model, load_timm_train, main
 
+from helpers import fixture_file
+
 pytestmark = pytest.mark.slow  # every test here runs a training script
 
-TIMM_TRAIN = ROOT.parent / 'shared' / 'timm' / 'train.py'
-needs_train_py = pytest.mark.skipif(not TIMM_TRAIN.is_file(),
-                                    reason=f"timm's train.py fixture is absent ({TIMM_TRAIN})")
+TIMM_TRAIN, needs_train_py = fixture_file('TIMM_TRAIN_PY', "timm's train.py")
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +40,7 @@ def test_timm_train_runs_moex_on_every_batch_and_writes_timms_outputs(image_fold
     run = main(timm_args(image_folder, tmp_path, '--moex-prob', '1.0', '--moex-lam', '0.7', '--moex-norm', 'in'))
     assert run['train_batches'] == 2 * 4 and run['moex_batches'] == 8  # prob 1: every batch
     task = run['task']
-    assert run['pairing'] == task.pairing == 'random' and task.lam == 0.7 and task.hook.norm == 'in'
+    assert run['pairing'] == task.moex.pairing == 'random' and task.moex.lam == 0.7 and task.hook.norm == 'in'
     # the hook sits on the module of the model that trained
     assert task.get_trainable_module().get_submodule(task.hook.layer) is task.hook._module
     out = tmp_path / 'run'
@@ -63,9 +62,9 @@ def test_with_mixup_moex_uses_mixups_pairing_and_the_config_file(image_folder, t
     config = tmp_path / 'recipe.yaml'
     config.write_text(yaml.safe_dump(dict(mixup=0.2, cutmix=1.0, moex_prob=0.0, moex_lam=0.6)))
     run = main(timm_args(image_folder, tmp_path, '--config', str(config), epochs=1))
-    assert run['pairing'] == run['task'].pairing == 'flip'
+    assert run['pairing'] == run['task'].moex.pairing == 'flip'
     assert isinstance(run['task'].criterion, SoftTargetCrossEntropy)
-    assert run['moex_batches'] == 0 and run['train_batches'] == 4 and run['task'].lam == 0.6  # from the YAML
+    assert run['moex_batches'] == 0 and run['train_batches'] == 4 and run['task'].moex.lam == 0.6  # from the YAML
     again = main(timm_args(image_folder, tmp_path / 'cli', '--config', str(config), '--moex-prob', '1', epochs=1))
     assert again['moex_batches'] == again['train_batches'] == 4  # the command line wins
     again['task'].get_trainable_module().train()

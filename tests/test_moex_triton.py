@@ -31,12 +31,12 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-
        torch.float16: dict(rtol=5e-3, atol=1e-2), torch.bfloat16: dict(rtol=2e-2, atol=7e-2)}
 
 
-def both(x: torch.Tensor, perm: torch.Tensor = PERM, **kwargs):
+def both(x: torch.Tensor, perm: torch.Tensor = PERM, impls=('triton', 'torch'), **kwargs):
     """(output, gradient) of the fused and the PyTorch-ops implementation for one upstream gradient."""
     torch.manual_seed(1)
     results = []
     upstream = None
-    for impl in ('triton', 'torch'):
+    for impl in impls:
         leaf = x.detach().clone().requires_grad_()
         out = moment_exchange(leaf, perm, impl=impl, **kwargs)
         if upstream is None:
@@ -256,8 +256,7 @@ for dtype, acc, group_c, groups, block_s in [('bf16', tl.float32, 64, 1, 64), ('
                                              ('fp64', tl.float64, 3, 4, 1024)]:
     stat = '*fp64' if dtype == 'fp64' else '*fp32'
     sizes = dict(GROUPS=groups, GROUP_C=group_c, BLOCK_C=triton.next_power_of_2(group_c), BLOCK_S=block_s, ACC=acc)
-    for kernel, extra in [(k._forward_kernel, {}), (k._backward_donor_kernel, {}),
-                          (k._backward_input_kernel, dict(DONOR_GRAD=True))]:
+    for kernel, extra in [(k._forward_kernel, dict(EPS=1e-5)), (k._backward_kernel, dict(DONOR_GRAD=True, BLOCK_B=64))]:
         constexprs = dict(sizes, **extra)
         signature = {}
         for name in kernel.arg_names:
@@ -266,29 +265,132 @@ for dtype, acc, group_c, groups, block_s in [('bf16', tl.float32, 64, 1, 64), ('
             elif name.endswith('_ptr'):
                 signature[name] = '*' + dtype if name in DATA else '*i64' if name == 'perm_ptr' else stat
             else:
-                signature[name] = 'fp32' if name == 'eps' else 'i32'
+                signature[name] = 'i32'
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget('cuda', 90, 32),
                                   options=dict(num_warps=8))
         assert compiled.asm['cubin'], kernel.fn.__name__
+        if kernel is k._forward_kernel and dtype == 'fp64':
+            print('fp64 forward ptx', compiled.asm['ptx'], 'end of ptx')
 print('compiled', flush=True)
 '''
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_an_h100():
+def test_kernels_compile_for_an_h100_with_eps_exact_in_float64():
     """The interpreter does not run Triton's compiler: compile the kernels for sm_90 ahead of time
-    (Triton's own ptxas, no GPU needed), in a process where Triton is not interpreting."""
+    (Triton's own ptxas, no GPU needed), in a process where Triton is not interpreting.
+
+    The interpreter computes with eps as Python gives it; a compiled kernel takes a float argument
+    as float32, so the float64 kernel must carry eps = 1e-5 as the float64 constant itself
+    (0x3EE4F8B588E368F1), not float32(1e-5) widened (0x3EE4F8B580000000) from an .f32 parameter."""
     pytest.importorskip('triton.backends.nvidia', reason="Triton's CUDA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     proc = subprocess.run([sys.executable, '-c', AOT_COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and 'compiled' in proc.stdout, proc.stderr[-3000:]
+    ptx = proc.stdout[proc.stdout.index('fp64 forward ptx'):proc.stdout.index('end of ptx')]
+    assert '0d3EE4F8B588E368F1' in ptx.upper().replace('0D', '0d')
+    assert '.param .f32' not in ptx and 'cvt.f64.f32' not in ptx
+
+
+class AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every ATen op run under it, except while ``muted`` (a kernel launch: in
+    the interpreter, Triton's own copies between tensors and numpy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.muted = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.muted:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+class LaunchRecorder:
+    """Stands in for a Triton kernel: records each launch's arguments, then launches the kernel
+    (with ``ops``, if given, muted)."""
+
+    def __init__(self, kernel, launches, ops=None):
+        self.kernel, self.launches, self.ops = kernel, launches, ops
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.kernel.fn.__name__, args))
+            if self.ops is not None:
+                self.ops.muted = True
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                if self.ops is not None:
+                    self.ops.muted = False
+        return launch
+
+
+@pytest.mark.parametrize('detach', [False, True])
+def test_one_launch_per_direction_and_nothing_that_waits_on_the_host(detach, monkeypatch):
+    """The kernels' forward and backward each launch one kernel, allocate their outputs and do nothing
+    else: no fill, no copy, no reduction, no read of a value on the host (``_local_scalar_dense``)."""
+    launches, ops = [], AtenOps()
+    for name in ('_forward_kernel', '_backward_kernel'):
+        monkeypatch.setattr(kernels, name, LaunchRecorder(getattr(kernels, name), launches, ops))
+    x = features((5, 8, 3, 3), torch.float32, channels_last=True)
+    upstream = torch.randn(5, 8, 3, 3, device=DEVICE)
+    with ops:
+        out, mean, std = kernels.pono_exchange_forward(x, PERM, 2, 1, 1e-5)
+        assert [name for name, _ in launches] == ['_forward_kernel']
+        dx = kernels.pono_exchange_backward(upstream, x, PERM, mean, std, 1, detach)
+    assert [name for name, _ in launches] == ['_forward_kernel', '_backward_kernel']
+    assert set(ops.ops) <= {'empty', 'empty_like', 'empty_strided'}, ops.ops
+    leaf = x.detach().requires_grad_()
+    expected = moment_exchange(leaf, PERM, norm='gpono2', detach=detach, impl='torch')
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    torch.testing.assert_close(dx, torch.autograd.grad(expected, leaf, upstream)[0], **TOL[torch.float32])
+
+
+def test_no_float_reaches_a_kernel_as_an_argument(monkeypatch):
+    """A compiled Triton kernel takes a Python float argument as float32 (the interpreter keeps it a
+    Python float, so a float64 check on the CPU cannot see it): eps must be a compile-time constant,
+    made in the statistics' dtype inside the kernel."""
+    launches = []
+    monkeypatch.setattr(kernels, '_forward_kernel', LaunchRecorder(kernels._forward_kernel, launches))
+    moment_exchange(features((3, 4, 2, 2), torch.float64), torch.tensor([2, 0, 1], device=DEVICE), eps=1e-5,
+                    impl='triton')
+    ((_, args),) = launches
+    assert not [a for a in args if isinstance(a, float)]
+
+
+def test_float64_groups_of_two_channels_with_variance_near_eps():
+    """Where a group's variance is near eps, the float64 gradient of a group of 2 channels cancels
+    down to eps / (variance + eps) of its terms: eps rounded to float32 (1e-5 * (1 - 2.5e-9)) moves
+    it by ~1e-8 relative, rounding by ~1e-16 times the cancelled terms. On a GPU this fails a float32
+    eps; the interpreter keeps eps a Python float (see the test above)."""
+    x = features((4, 8, 3, 3), torch.float64)
+    x[:, 1::2] = x[:, 0::2] + 0.003 * torch.randn_like(x[:, 0::2])  # each group's 2 channels a few eps apart
+    (out, grad), (expected, expected_grad) = both(x, torch.tensor([1, 2, 3, 0], device=DEVICE), norm='gpono4')
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    torch.testing.assert_close(grad, expected_grad, **TOL[torch.float64])
+
+
+def test_recipients_are_found_across_blocks_of_the_batch_and_through_negative_indices(monkeypatch):
+    """The backward scans perm in blocks for the samples that took a sample's moments: two blocks
+    of 2 indices here, with negative indices, a donor of two samples and one of none."""
+    monkeypatch.setattr(kernels, '_MAX_BLOCK_B', 2)
+    x = features((5, 8, 3, 3), torch.float64)
+    ((out, grad),) = both(x, torch.tensor([-3, 0, 4, -4, 1], device=DEVICE), impls=('triton',))
+    ((expected, expected_grad),) = both(x, torch.tensor([2, 0, 4, 1, 1], device=DEVICE), impls=('torch',))
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    torch.testing.assert_close(grad, expected_grad, **TOL[torch.float64])
 
 
 def test_donor_indices_count_from_the_end_and_out_of_range_ones_poison_their_sample():
     x = features((4, 8, 3, 3), torch.float64)
     wrapped = moment_exchange(x, torch.tensor([-1, 0, -4, 2], device=DEVICE), impl='triton')
     torch.testing.assert_close(wrapped, moment_exchange(x, torch.tensor([3, 0, 0, 2], device=DEVICE), impl='torch'))
-    out = moment_exchange(x, torch.tensor([1, 4, 0, -5], device=DEVICE), impl='triton')
+    bad = torch.tensor([1, 4, 0, -5], device=DEVICE)
+    if DEVICE.type == 'cpu':  # a CPU perm is checked before the kernels (a CUDA one is not: no host sync)
+        with pytest.raises(ValueError, match=r'^perm\[1\] = 4 is not a sample of the batch of 4'):
+            moment_exchange(x, bad, impl='triton')
+    out = kernels.pono_exchange_forward(x, bad, 1, 1, 1e-5)[0]
     assert torch.isnan(out[1]).all() and torch.isnan(out[3]).all()
     assert torch.isfinite(out[[0, 2]]).all()
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, load_benchmark
+from helpers import ROOT, load_benchmark
 
 tomllib = pytest.importorskip('tomllib')
 

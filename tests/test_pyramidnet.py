@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import timm_moex.models.pyramidnet as pyramidnet  # registers the models
 from timm_moex.models.pyramidnet import PyramidBasicBlock, PyramidBottleneck, ShakeDrop
 
-from conftest import slow_cases
+from helpers import calibrate_bn, gradients, num_params, slow_cases
 
 CIFAR_MODELS = {  # name -> (alpha, bottleneck)
     'pyramidnet110_a48': (48, False),
@@ -29,24 +29,8 @@ SMALL_CIFAR = dict(layers=(2, 2, 2))
 SMALL_IMAGENET = dict(layers=(1, 1, 1, 1))
 
 
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def blocks_of(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, (PyramidBasicBlock, PyramidBottleneck))]
-
-
-def calibrate_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Set BN running stats to the batch stats of x, so eval outputs have a sane scale."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: one batch gives exactly its statistics
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
 
 
 def top_level_matches(model: nn.Module, pattern: str):
@@ -245,13 +229,6 @@ def test_model_runs_in_float64_and_bfloat16():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
-def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    model.zero_grad()
-    torch.manual_seed(seed)  # same ShakeDrop draws in both runs
-    F.cross_entropy(model(x), y).backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
 @pytest.mark.parametrize('shakedrop_prob', [0.0, 0.5])
 def test_grad_checkpointing_same_gradients(shakedrop_prob):
     torch.manual_seed(0)
@@ -261,10 +238,10 @@ def test_grad_checkpointing_same_gradients(shakedrop_prob):
     # an inner module: non-reentrant checkpointing stops recomputing a block once it has what backward needs
     model.layer2[1].conv1.register_forward_hook(lambda *_: calls.append(1))
 
-    reference = _gradients(model, x, y)
+    reference = gradients(model, x, y)
     assert len(calls) == 1
     model.set_grad_checkpointing(True)
-    checkpointed = _gradients(model, x, y)
+    checkpointed = gradients(model, x, y)
     assert len(calls) == 3  # forward + recompute in backward: checkpointing is really on
     torch.testing.assert_close(checkpointed, reference, rtol=1e-4, atol=1e-5)
 

@@ -7,25 +7,30 @@ runs), with a few real subprocesses where a second process or a signal is the po
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+import warnings
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+import timm_moex
 import train_moex
-from timm_moex.train.checkpoint import LOCK_FILE, RESUME_RECORD, RunLock
-from timm_moex.train import CheckpointError, ConfigError, DataError, Diverged, ResumeMismatch, RunFolderBusy, \
-    load_config
+from accelerate import Accelerator
+from timm_moex.train import builders, run_folder
+from timm_moex.train.checkpoint import LOCK_FILE, RESUME_RECORD, RunLock, read_weights
+from timm_moex.train import CheckpointError, ConfigError, DataError, Diverged, Interrupted, ResumeMismatch, RunError, \
+    RunFolderBusy, load_config, save_config
+from timm_moex.train.errors import Terminated, UnreadableImage
 from timm_moex.train.metrics import ClassificationMeter
 
-from conftest import ROOT, make_image_folder
-from test_train import read_summary
+from helpers import ROOT, make_image_folder, read_summary
 
 SMALL = ['--train-limit', '16', '--eval-limit', '8']
 
@@ -239,14 +244,14 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(args, tmp_p
     out = tmp_path / 'nan'
     calls = []
 
-    class Poisoned(train_moex.ClassificationTask):
+    class Poisoned(builders.ClassificationTask):
         def forward(self, input, target):
             result = super().forward(input, target)
             calls.append(1)
             if len(calls) == 4:  # epoch 2, step 2
                 result['loss'] = result['loss'] * float('nan')
             return result
-    monkeypatch.setattr(train_moex, 'ClassificationTask', Poisoned)
+    monkeypatch.setattr(builders, 'ClassificationTask', Poisoned)
     line = one_line_error(capsys, args('--epochs', '3', out=out), Diverged.exit_code)
     assert 'epoch 2, step 2' in line and str(out / 'checkpoint-1') in line and '--resume auto' in line
     assert sorted(p.name for p in out.glob('checkpoint-*')) == ['checkpoint-1']
@@ -304,17 +309,17 @@ def test_trial_forward_leaves_the_model_as_it_was():
     import timm
     cfg = load_config(['--model', 'resnet10t', '--moex', '--batch-size', '8'], check_paths=False)
     model = timm.create_model('resnet10t', num_classes=2)
-    train_moex.attach_moex(model)
+    timm_moex.attach_moex(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    accelerator = train_moex.Accelerator(cpu=True)  # before seeding: only trial_forward runs in between
+    accelerator = Accelerator(cpu=True)  # before seeding: only trial_forward runs in between
     torch.manual_seed(3)
     expected = torch.rand(3)
     torch.manual_seed(3)
-    train_moex.trial_forward(cfg, model, accelerator)
+    builders.trial_forward(cfg, model, accelerator)
     assert torch.equal(torch.rand(3), expected)  # random state untouched
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert not train_moex.get_moex_hook(model).armed
+    assert not timm_moex.get_moex_hook(model).armed
 
 
 @pytest.mark.slow
@@ -387,11 +392,28 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(args, tmp_path, ca
 
 @pytest.mark.slow
 def test_checkpoint_of_another_class_count_is_one_line(finished, args, capsys):
-    (finished / 'config.yaml').unlink()  # a folder without its identity: the shapes are checked on load
+    path = finished / 'config.yaml'
+    saved = yaml.safe_load(path.read_text())
+    saved['num_classes'] = 3  # an identity its checkpoints do not match: the shapes are checked on load
+    path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    before = path.read_text()
     line = one_line_error(capsys, args('--sched', 'constant', '--epochs', '2', '--num-classes', '3', '--resume',
                                        'auto', out=finished), CheckpointError.exit_code)
     assert 'does not fit this model' in line and 'size mismatch' in line
-    assert not (finished / 'config.yaml').exists()
+    assert path.read_text() == before
+
+
+def test_resume_needs_the_run_folders_config_yaml(tmp_path):
+    out = tmp_path / 'run'
+    cfg = load_config(['--resume', 'auto', '--output-dir', str(out)], check_paths=False)
+    assert run_folder.check_resume(cfg, out) == (None, {})  # nothing to resume yet: a new run
+    (out / 'checkpoint-1').mkdir(parents=True)
+    with pytest.raises(ResumeMismatch, match=r'^--resume of a run folder without config.yaml, the run\'s settings '
+                                             r'\(.*run/config.yaml\): restore the file, or start a new run in '
+                                             r'another --output-dir$'):
+        run_folder.check_resume(cfg, out)
+    save_config(cfg, out / 'config.yaml')
+    assert run_folder.check_resume(cfg, out) == (cfg.to_dict(), {})
 
 
 @pytest.mark.slow
@@ -414,6 +436,28 @@ def test_ctrl_c_says_how_to_resume(args, tmp_path):
     assert not (out / 'results.json').exists()
 
 
+def test_the_debug_key_or_the_variable_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv('TIMM_MOEX_DEBUG', raising=False)
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text('debug: true\n')
+    bad = ['--output-dir', str(blocker / 'run')]  # a ConfigError once the configuration is read
+    for argv, shown in [(bad, False), (bad + ['--debug'], True), (['--config', str(recipe), *bad], True),
+                        (['--config', str(recipe), *bad, '--debug', 'false'], False)]:
+        assert train_moex.cli(argv) == ConfigError.exit_code
+        err = capsys.readouterr().err
+        assert ('Traceback' in err) is shown, argv
+        assert err.strip().splitlines()[-1].startswith('train_moex.py: configuration error: output_dir:')
+    # An error in the command line itself comes before the key is known: the variable shows its traceback.
+    assert train_moex.cli(['--debug', '--moex-lamb', '0.5']) == ConfigError.exit_code
+    assert 'Traceback' not in capsys.readouterr().err
+    monkeypatch.setenv('TIMM_MOEX_DEBUG', '1')
+    assert train_moex.cli(['--moex-lamb', '0.5']) == ConfigError.exit_code
+    err = capsys.readouterr().err
+    assert 'Traceback' in err and "unknown config key 'moex_lamb'" in err.strip().splitlines()[-1]
+
+
 @pytest.mark.slow
 def test_debug_shows_the_traceback(args, tmp_path, capsys):
     blocker = tmp_path / 'file'
@@ -421,3 +465,179 @@ def test_debug_shows_the_traceback(args, tmp_path, capsys):
     assert train_moex.cli(args('--debug', out=blocker / 'run')) == ConfigError.exit_code
     err = capsys.readouterr().err
     assert 'Traceback' in err and err.strip().splitlines()[-1].startswith('train_moex.py: configuration error:')
+
+
+# ---- what a run records is what ran ----
+
+@pytest.mark.slow
+def test_fp16_on_a_cpu_trains_in_fp32_and_records_it(args, tmp_path, capsys):
+    """Accelerate runs fp16 on a CPU as fp32 (no autocast, no GradScaler): the run says so once and config.yaml,
+    the banner and results.json record 'no' (they used to say fp16)."""
+    out = tmp_path / 'fp16'
+    results = train_moex.main(args('--mixed-precision', 'fp16', out=out))
+    printed = capsys.readouterr().out
+    assert 'fp16 has no effect on a CPU' in printed and 'mixed_precision=no' in printed
+    assert results['mixed_precision'] == 'no'
+    assert json.loads((out / 'results.json').read_text())['mixed_precision'] == 'no'
+    assert yaml.safe_load((out / 'config.yaml').read_text())['mixed_precision'] == 'no'
+
+
+@pytest.mark.parametrize('dataset', ['imagefolder', 'imagenet'])  # torchvision's ImageFolder, timm's create_dataset
+def test_a_one_class_dataset_is_refused(dataset, tmp_path, capsys):
+    """One class trains to loss 0 and 0 % error with nothing learned: refused, naming the folder and the class."""
+    data = make_image_folder(tmp_path / 'one', classes=('cat',), train_per_class=4, test_per_class=2)
+    (data / 'test').rename(data / 'val')
+    out = tmp_path / 'run'
+    line = one_line_error(capsys, ['--dataset', dataset, '--data-dir', str(data), '--model', 'resnet10t',
+                                   '--batch-size', '2', '--workers', '0', '--output-dir', str(out),
+                                   '--progress', 'false'], DataError.exit_code)
+    assert 'single class' in line and f"{data}: only 'cat'" in line
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_resume_that_diverges_again_records_nothing(finished, args, monkeypatch, capsys):
+    """A resume with a new lr and epochs that diverges in its first epoch trained nothing with them: config.yaml,
+    resume.jsonl and results.json still say what trained, and the next resume's changes start from there."""
+    before = snapshot(finished)
+
+    class Poisoned(builders.ClassificationTask):
+        def forward(self, input, target):
+            result = super().forward(input, target)
+            result['loss'] = result['loss'] * float('nan')
+            return result
+    monkeypatch.setattr(builders, 'ClassificationTask', Poisoned)
+    resume = ['--sched', 'constant', '--epochs', '2', '--resume', 'auto']
+    one_line_error(capsys, args(*resume, '--lr', '0.02', out=finished), Diverged.exit_code)
+    assert snapshot(finished) == before  # config.yaml (lr 0.05, 1 epoch) kept, no resume.jsonl
+    monkeypatch.undo()
+    train_moex.main(args(*resume, '--lr', '0.03', out=finished))
+    records = [json.loads(ln) for ln in (finished / RESUME_RECORD).read_text().splitlines()]
+    assert [r['changes'] for r in records] == [{'epochs': [1, 2], 'lr': [0.05, 0.03]}]
+    assert yaml.safe_load((finished / 'config.yaml').read_text())['lr'] == 0.03
+
+
+# ---- one clear line at the edges ----
+
+def test_an_empty_run_config_is_a_damaged_run_folder(args, tmp_path, capsys):
+    """An empty config.yaml used to be read as the defaults (then "model 'resnet18' in the run" for a resnet10t
+    run); empty or not a mapping, it is a damaged run folder, said in one line before anything is written."""
+    out = tmp_path / 'run'
+    out.mkdir()
+    for text, found in (('', 'is empty'), ('- 1\n- 2\n', 'holds a list')):
+        (out / 'config.yaml').write_text(text)
+        line = one_line_error(capsys, args('--resume', 'auto', out=out), ConfigError.exit_code)
+        assert f"'{out / 'config.yaml'}' {found}" in line and 'the run folder is damaged' in line, line
+        assert 'resnet18' not in line and (out / 'config.yaml').read_text() == text
+
+
+def _no_dac_override():
+    """A command prefix that runs without the capability that lets root write anywhere, or None."""
+    if os.name != 'posix' or os.geteuid() != 0:
+        return []
+    setpriv = shutil.which('setpriv')
+    return [setpriv, '--inh-caps=-dac_override', '--bounding-set=-dac_override', '--'] if setpriv else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_no_dac_override() is None, reason='root without setpriv writes into read-only folders')
+def test_a_read_only_output_dir_is_one_line(args, tmp_path):
+    """A read-only parent folder used to end in a PermissionError traceback (as root: without dac_override)."""
+    parent = tmp_path / 'read_only'
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        proc = subprocess.run([*_no_dac_override(), sys.executable, str(ROOT / 'train_moex.py'),
+                               *args(out=parent / 'run')], capture_output=True, text=True, timeout=300)
+    finally:
+        parent.chmod(0o755)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == ConfigError.exit_code and len(lines) == 1, proc.stderr
+    assert f"output_dir: '{parent}' is not writable" in lines[0] and '--output-dir' in lines[0]
+    assert not (parent / 'run').exists()
+
+
+def test_pretrained_weights_offline_are_one_line(args, tmp_path, monkeypatch, capsys):
+    """Offline and not cached, --pretrained used to end in a traceback (after a minute of retries when the network
+    is down; HF_HUB_OFFLINE fails at once): one line naming the model, where its weights live and what to do."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
+    line = one_line_error(capsys, args('--model', 'resnet18', '--pretrained', 'true', out=tmp_path / 'run'),
+                          CheckpointError.exit_code)
+    assert 'the weights of resnet18 cannot be downloaded' in line and '(hf-hub:timm/resnet18.a1_in1k)' in line
+    assert 'HF_HUB_OFFLINE' in line and '--initial-checkpoint' in line and '--pretrained false' in line
+    with pytest.raises(ConfigError, match="pretrained: timm has no pretrained weights for 'resnet18_cifar_moex'"):
+        load_config(args('--model', 'resnet18_cifar_moex', '--pretrained', 'true', out=tmp_path / 'run'))
+
+
+def _truncated_legacy_save(path):
+    torch.save({'w': torch.zeros(4)}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:-30])  # the tensor data (24 bytes) and more cut: an EOFError without a message
+
+
+@pytest.mark.parametrize('make, what, todo', [
+    (lambda p: p.write_bytes(os.urandom(256)), 'not a PyTorch checkpoint (torch.save) nor a safetensors file',
+     'give a .safetensors file'),
+    (lambda p: p.write_bytes(b''), 'the file is empty', 'copy or download the file again'),
+    (lambda p: (torch.save({'state_dict': {'w': torch.zeros(4)}}, p), p.write_bytes(p.read_bytes()[:300])),
+     'a truncated or damaged archive', 'copy or download the file again'),
+    (_truncated_legacy_save, 'a truncated or damaged torch.save file (EOFError)', 'copy or download the file again'),
+], ids=['garbage', 'empty', 'truncated_zip', 'truncated_legacy'])
+def test_damaged_weight_files_say_what_is_wrong(make, what, todo, tmp_path):
+    """PyTorch's weights_only advice and miniz's text used to be cut mid-sentence, and an empty message showed
+    as 'EOFError: EOFError': one line, what is wrong with the file, and what to do."""
+    path = tmp_path / 'model_best.pth.tar'
+    make(path)
+    with pytest.raises(CheckpointError) as err:
+        read_weights(path, key='initial_checkpoint')
+    message = str(err.value)
+    assert message.startswith(f'initial_checkpoint: cannot read the file as weights: {what}') and \
+        f'({path}): {todo}' in message, message
+    assert '\n' not in message and 'EOFError: EOFError' not in message and 'PyTorch 2.6' not in message
+    assert 'miniz' not in message
+
+
+def test_package_warnings_print_as_one_line():
+    """The command prints the package's warnings without the source line of their warnings.warn call; other
+    warnings keep Python's format."""
+    ours = timm_moex.train.checkpoint.__file__
+    with train_moex._as_a_command():
+        own = warnings.formatwarning('checkpoint-2 is damaged', UserWarning, ours, 354)
+        other = warnings.formatwarning('deprecated', FutureWarning, '/elsewhere/lib.py', 3)
+    assert own == 'train_moex.py: UserWarning: checkpoint-2 is damaged\n'
+    assert other.startswith('/elsewhere/lib.py:3: FutureWarning: deprecated')
+    assert warnings.formatwarning('x', UserWarning, ours, 354).startswith(f'{ours}:354: UserWarning: x')  # restored
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGTERM to a child process')
+def test_sigterm_stops_like_ctrl_c(args, tmp_path):
+    """SIGTERM (kill, a job scheduler) used to end the run without a word: one line, the last checkpoint kept,
+    its own exit code."""
+    out = tmp_path / 'run'
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'train_moex.py'), *args('--epochs', '50', out=out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / 'checkpoint-1').exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == Terminated.exit_code == 143, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    assert lines[0].startswith(f'train_moex.py: terminated (SIGTERM) ({out}): checkpoint-') and \
+        lines[0].endswith('run the same command with --resume auto to continue'), lines[0]
+    assert not (out / 'results.json').exists()
+    for checkpoint in out.glob('checkpoint-*'):  # whole: a save cut short stays under its temporary name
+        assert (checkpoint / 'model.safetensors').exists() and (checkpoint / 'custom_checkpoint_0.pkl').exists()
+    assert list(out.glob('checkpoint-*'))
+
+
+def test_readme_lists_every_exit_code():
+    """The README's exit-code line names the code of every error the command reports."""
+    line = next(ln for ln in (ROOT / 'README.md').read_text().split(';') if 'exit codes 2 config' in ln)
+    listed = {int(n) for n in re.findall(r'(?<![\w-])(\d+) [A-Za-z]', line)}
+    codes = {cls.exit_code for cls in (ConfigError, RunError, RunFolderBusy, ResumeMismatch, CheckpointError,
+                                       DataError, UnreadableImage, Diverged, Interrupted, Terminated)}
+    assert listed == codes, (sorted(listed), sorted(codes))

@@ -1,4 +1,5 @@
 import copy
+import functools
 import math
 import re
 
@@ -12,30 +13,19 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.task import ClassificationTask
 
 import timm_moex  # noqa: F401  (registers resnet18_cifar)
-from timm_moex import MoExMixing, attach_moex, get_moex_hook
+from timm_moex import MoExMixing, get_moex_hook
 from timm_moex.loss.bitempered import BiTemperedLogisticLoss
 from timm_moex.task.snapmix import (
     SnapMixTask, cam_classifier, class_activation_maps, normalize_cams, per_sample_loss, random_box,
     same_label_weights, snapmix_boxes, snapmix_moex_weights, snapmix_paste, snapmix_weights)
 
-from conftest import check_timm_task_arguments
+import helpers
+from helpers import check_timm_task_arguments, cifar_model
 
 H = W = 8
 WHOLE = (0, H, 0, W)
 EMPTY = (3, 3, 0, W)
-
-
-def cifar_model(moex=False, seed=0):
-    torch.manual_seed(seed)
-    model = timm.create_model('resnet18_cifar', num_classes=5)
-    if moex:
-        attach_moex(model)
-    return model
-
-
-def batch(n=4, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 5, (n,), generator=g)
+batch = functools.partial(helpers.batch, n=4)
 
 
 def ce(output, target):
@@ -307,10 +297,6 @@ def test_arguments_are_checked():
         SnapMixTask(model, alpha=0, verbose=False)
     with pytest.raises(ValueError, match='prob must be .*1.5'):
         SnapMixTask(model, prob=1.5, verbose=False)
-    with pytest.raises(ValueError, match='moex_lam must be .*-0.1'):
-        SnapMixTask(model, moex_lam=-0.1, verbose=False)
-    with pytest.raises(TypeError, match='MoExHook'), pytest.warns(DeprecationWarning):
-        SnapMixTask(model, hook='stem', verbose=False)
     moex_model = cifar_model(moex=True)
     hook = get_moex_hook(moex_model)
     with pytest.raises(TypeError, match='moex must be a timm_moex MoExMixing or None; got MoExHook'):
@@ -441,48 +427,6 @@ def test_with_the_bi_tempered_loss():
     result['loss'].backward()
 
 
-# ---- the deprecated MoEx arguments ----
-
-def run_batches(task, seed=4, n=3):
-    torch.manual_seed(seed)
-    x, y = batch(n=6)
-    return [task(x, y) for _ in range(n)]
-
-
-def test_deprecated_moex_arguments_still_work_and_warn():
-    """hook=, moex_prob=, moex_lam= warn, name moex=, and give the draws and losses of the moex= task, with the old
-    moex_lam default 0.9."""
-    model = cifar_model(moex=True)
-    hook = get_moex_hook(model)
-    with pytest.warns(DeprecationWarning, match=r'SnapMixTask: hook=, moex_prob= and moex_lam= are deprecated.*'
-                                                r'moex=MoExMixing\(hook, prob=0.5, lam=0.9\)'):
-        old = SnapMixTask(model, prob=0.5, hook=hook, moex_prob=0.5, verbose=False).train()
-    assert old.moex.hook is hook and (old.moex.prob, old.moex.lam, old.moex.pairing) == (0.5, 0.9, 'random')
-    assert old.hook is hook
-    new = SnapMixTask(model, prob=0.5, moex=MoExMixing(hook, prob=0.5, lam=0.9), verbose=False).train()
-    old_results, new_results = run_batches(old), run_batches(new)
-    assert [r['moex'] for r in old_results] == [r['moex'] for r in new_results]
-    assert any(r['moex'] for r in old_results) and any(r['snapmix'] for r in old_results)
-    for a, b in zip(old_results, new_results):
-        assert a.keys() == b.keys() and a['snapmix'] == b['snapmix']
-        assert torch.equal(a['perm'], b['perm']) if 'perm' in a else 'perm' not in b
-        torch.testing.assert_close(a['loss'], b['loss'], rtol=0, atol=0)
-
-
-def test_deprecated_arguments_without_a_hook_mean_no_moex():
-    model = cifar_model(moex=True)
-    with pytest.warns(DeprecationWarning, match=r'pass moex=None \(the default\)'):
-        task = SnapMixTask(model, moex_prob=1.0, moex_lam=0.5, verbose=False)
-    assert task.moex is None and task.hook is None
-
-
-def test_moex_and_deprecated_arguments_together_are_refused():
-    model = cifar_model(moex=True)
-    hook = get_moex_hook(model)
-    with pytest.raises(ValueError, match='SnapMixTask got moex= and hook=, moex_lam=; pass moex= alone'):
-        SnapMixTask(model, moex=MoExMixing(hook), hook=hook, moex_lam=0.5, verbose=False)
-
-
 # ---- the task against SnapMix's formulas, computed independently ----
 
 BOX_A, BOX_B = (3, 9, 1, 11), (0, 8, 4, 8)  # different sizes and places: swapping them changes everything
@@ -608,6 +552,19 @@ def test_class_activation_maps_check_their_inputs_in_full():
         with pytest.raises(ValueError, match=r'^weight must be \(num_classes, 4\) for features of shape \(2, 4, 3, 3\); '
                                              + re.escape(f'got {tuple(weight.shape)}') + '$'):
             class_activation_maps(features, weight, target)
+
+
+@pytest.mark.parametrize('index', [5, 9, -1])
+def test_a_class_index_out_of_range_is_refused_in_one_line(index):
+    """PyTorch's IndexError (or, for -1, the last class's map, silently) before."""
+    message = rf'^target holds class index {index}, outside the 5 classes of the classifier: class indices must be in 0\.\.4$'
+    with pytest.raises(ValueError, match=message):
+        class_activation_maps(torch.randn(2, 4, 3, 3), torch.randn(5, 4), torch.tensor([0, index]))
+    model = timm.create_model('resnet18_cifar', num_classes=5)
+    x, y = batch(size=16)
+    y[1] = index
+    with pytest.raises(ValueError, match=message):
+        SnapMixTask(model, prob=1.0, verbose=False).train()(x, y)
 
 
 def test_class_activation_maps_relu_by_default_in_float32_at_least():

@@ -7,9 +7,12 @@ import torch
 from timm.data import Mixup
 
 import timm_moex
-from timm_moex import (MoExClassificationTask, attach_dsu, attach_mixstyle, attach_moex, dsu_layers, get_dsu_hook,
-                       get_mixstyle_hook, mix_moments, mixstyle_layers, moment_exchange, moment_shape, perturb_moments)
+from timm_moex import (MoExClassificationTask, MoExMixing, attach_dsu, attach_mixstyle, attach_moex, dsu_layers,
+                       get_dsu_hook, get_mixstyle_hook, mix_moments, mixstyle_layers, moment_exchange, moment_shape,
+                       perturb_moments)
 from timm_moex.ops.moments import moment_view, replace_moments
+
+from helpers import freeze_batch_stats, make
 
 NORMS = ['in', 'pono', 'gn2', 'ln']
 LAYOUTS = ['nchw', 'channels_last', 'nhwc', 'tokens']
@@ -232,22 +235,6 @@ def test_errors_name_the_operation_and_the_argument():
 
 # ---------------------------------------------------------------- the hooks
 
-def make(name='resnet18', size=64, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    model = timm.create_model(name, num_classes=10, **kwargs)
-    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
-    return model, x
-
-
-def freeze_batch_stats(model):
-    """Training mode with BN running statistics untouched, so forwards are comparable."""
-    model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = 0.0
-    return model
-
-
 @pytest.mark.parametrize('name, mixstyle, dsu', [
     # the authors' placements: MixStyle after layer1 and layer2; DSU after conv1, maxpool and every stage
     ('resnet18', ['layer1', 'layer2'], ['conv1', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4']),
@@ -333,10 +320,10 @@ def test_composes_with_a_moex_hook_at_the_stem():
 
 def test_composes_with_mixup_cutmix_and_a_moex_task():
     model, x = make()
-    attach_moex(model)
+    hook = attach_moex(model)
     attach_mixstyle(model, p=1.0)
     attach_dsu(model, p=1.0)
-    task = MoExClassificationTask(model, prob=1.0, verbose=False)
+    task = MoExClassificationTask(model, MoExMixing(hook, prob=1.0), verbose=False)
     mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=10, label_smoothing=0.0)
     images, targets = mixup(x, torch.tensor([0, 1, 2, 3]))
     result = task(images, targets)

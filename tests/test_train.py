@@ -1,28 +1,25 @@
 """train_moex.py end to end on CPU: two-epoch runs on a tiny generated ImageFolder."""
-import csv
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 from timm.data import Mixup
 
 import train_moex
-from timm_moex import MoExClassificationTask, attach_moex
-from timm_moex.train import ConfigError
+from timm_moex import MoExClassificationTask, MoExMixing, attach_moex
+from timm_moex.train import builders
+from timm_moex.train import ConfigError, DataError
+from timm_moex.train.errors import UnreadableImage
 
-from conftest import ROOT, make_image_folder
-
-
-def read_summary(out):
-    with open(out / 'summary.csv', newline='') as f:
-        return list(csv.DictReader(f))
+from helpers import CIFAR10_JPEG, ROOT, make_image_folder, read_summary
 
 
 def check_run(out, epochs=2, ema=False, num_classes=2):
@@ -110,6 +107,7 @@ def test_compiled_run_traces_the_hook_in_static_graphs(run_args, tmp_path, monke
     def compile_recording(model, **kwargs):
         calls.append(dict(kwargs))
         kwargs.pop('mode')  # a mode needs Inductor; 'reduce-overhead' only matters on a GPU
+        kwargs.pop('backend')
         return real_compile(model, backend=record, **kwargs)
     monkeypatch.setattr(torch, 'compile', compile_recording)
     torch._dynamo.reset()
@@ -118,7 +116,7 @@ def test_compiled_run_traces_the_hook_in_static_graphs(run_args, tmp_path, monke
     train_moex.main(run_args('--moex', '--moex-prob', '0.5', '--compile', '--compile-mode', 'reduce-overhead',
                              out=out))
     rows, _ = check_run(out)
-    assert [c['mode'] for c in calls] == ['reduce-overhead']
+    assert [(c['backend'], c['mode']) for c in calls] == [('inductor', 'reduce-overhead')]
     assert not counters['graph_break'], dict(counters['graph_break'])
     assert 0 < sum(float(r['train_moex_frac']) for r in rows) < 2
     # MoEx idle and armed in training, full and partial (18 = 16 + 2) eval batches: four graphs, none symbolic.
@@ -282,23 +280,39 @@ def test_eval_only_matches_the_last_epoch(run_args, tmp_path):
     assert json.loads((tmp_path / 'evalonly' / 'eval.json').read_text())['ece'] == pytest.approx(metrics['ece'])
 
 
+def _truncated_jpeg(path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
 @pytest.mark.slow
-def test_corrupt_image_names_its_path(tmp_path):
+@pytest.mark.parametrize('loader, where, damage', [
+    (['--workers', '0'], 'train', _truncated_jpeg),
+    (['--workers', '2'], 'train', _truncated_jpeg),  # raised in a DataLoader worker process
+    (['--workers', '2'], 'test', lambda path: path.write_text('not an image')),  # in the evaluation
+    (['--loader', 'device', '--img-size', '32'], 'train', lambda path: path.write_text('not an image')),
+], ids=['truncated_workers_0', 'truncated_workers_2', 'text_in_eval_workers_2', 'text_device_loader'])
+def test_an_undecodable_image_is_one_line(loader, where, damage, tmp_path, capsys):
+    """A truncated JPEG or text saved as .jpg used to end in a traceback and exit 1, also from a DataLoader
+    worker: one line naming the file, the data exit code."""
     data = make_image_folder(tmp_path / 'data', train_per_class=4, test_per_class=2)
-    bad = data / 'train' / 'a' / 'broken.png'
-    bad.write_bytes(b'\x89PNG\r\n\x1a\n not really a png')
+    (data / where / 'a' / '000.png').unlink()  # replaced: every image is read in the first epoch (drop_last)
+    damage(bad := data / where / 'a' / '000.jpg')
     args = ['--dataset', 'imagefolder', '--data-dir', str(data), '--model', 'resnet10t', '--epochs', '1',
-            '--batch-size', '4', '--workers', '0', '--output-dir', str(tmp_path / 'out'), '--progress', 'false']
-    with pytest.raises(RuntimeError, match='broken.png'):
-        train_moex.main(args)
+            '--batch-size', '4', '--output-dir', str(tmp_path / 'out'), '--progress', 'false', *loader]
+    assert train_moex.cli(args) == UnreadableImage.exit_code == DataError.exit_code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    assert lines[0].startswith(f'train_moex.py: an image file cannot be decoded ({bad}: ') and \
+        lines[0].endswith('replace or remove the file (a truncated copy, or not an image)'), lines[0]
 
 
 def _cutmix_moex_batch(mix_kwargs, lam):
     torch.manual_seed(0)
     model = timm.create_model('resnet10t', num_classes=4)
-    attach_moex(model)
-    task = MoExClassificationTask(model, prob=1.0, lam=lam, pairing='flip', criterion_kwargs=dict(soft_targets=True),
-                                  verbose=False)
+    moex = MoExMixing(attach_moex(model), prob=1.0, lam=lam, pairing='flip')
+    task = MoExClassificationTask(model, moex, criterion_kwargs=dict(soft_targets=True), verbose=False)
     x = torch.randn(6, 3, 32, 32)
     y = torch.tensor([0, 1, 2, 3, 0, 1])  # y[i] != y[5 - i]: the mixing weight can be read from t
     x, t = Mixup(label_smoothing=0.0, num_classes=4, **mix_kwargs)(x, y)
@@ -447,7 +461,7 @@ def test_sync_bn_keeps_the_moex_hook():
     from timm_moex import get_moex_hook
     from timm_moex.train import load_config
     cfg = load_config(['--model', 'resnet10t', '--moex', '--sync-bn', '--moex-layer', 'bn1'], check_paths=False)
-    model = train_moex.create_model(cfg, num_classes=3)
+    model = builders.create_model(cfg, num_classes=3)
     assert isinstance(model.bn1, torch.nn.SyncBatchNorm)
     hook = get_moex_hook(model)
     assert hook.layer == 'bn1' and hook.attached and hook._module is model.bn1
@@ -457,7 +471,7 @@ def test_sync_bn_keeps_the_moex_hook():
     cfg = load_config(['--model', 'resnet10t', '--sync-bn', '--moex'], check_paths=False)
     import unittest.mock as mock
     with mock.patch.object(timm, 'create_model', return_value=model), pytest.warns(UserWarning, match='ignored'):
-        model = train_moex.create_model(cfg, num_classes=3)
+        model = builders.create_model(cfg, num_classes=3)
     hook = get_moex_hook(model)
     assert hook._module is model.bn1 and hook.norm == 'in' and hook.attached
 
@@ -468,10 +482,7 @@ def test_moex_impl_reaches_the_hook(model_name, extra):
     from timm_moex.train import load_config
     for impl in ('torch', 'auto'):
         cfg = load_config(['--model', model_name, '--moex-impl', impl] + extra, check_paths=False)
-        assert get_moex_hook(train_moex.create_model(cfg, num_classes=3)).impl == impl
-
-
-CIFAR10_JPEG = Path(os.environ.get('TIMM_MOEX_CIFAR10_JPEG', ROOT / 'data' / 'cifar10'))
+        assert get_moex_hook(builders.create_model(cfg, num_classes=3)).impl == impl
 
 
 @pytest.mark.skipif(not (CIFAR10_JPEG / 'train').is_dir(),
@@ -577,8 +588,8 @@ def test_mixstyle_and_dsu_keys_reach_the_training_forward(run_args, tmp_path, mo
     small = ['--epochs', '1', '--train-limit', '16', '--eval-limit', '8']
     attached = []
     for name in ('attach_mixstyle', 'attach_dsu'):
-        real = getattr(train_moex, name)
-        monkeypatch.setattr(train_moex, name, lambda *a, _real=real, **k: attached.append(_real(*a, **k)) or
+        real = getattr(builders, name)
+        monkeypatch.setattr(builders, name, lambda *a, _real=real, **k: attached.append(_real(*a, **k)) or
                             attached[-1])
 
     def train_loss(*extra, out):

@@ -75,7 +75,7 @@ def test_moex_run_uses_a_random_pairing_and_the_configured_lam(recorded, run_arg
     calls = train_calls(recorded)
     assert calls and all(type(task) is MoExClassificationTask for task, *_ in calls)
     task = calls[0][0]
-    assert (task.pairing, task.lam, task.prob) == ('random', 0.7, 1.0)
+    assert (task.moex.pairing, task.moex.lam, task.moex.prob) == ('random', 0.7, 1.0)
     perms = [result['perm'] for *_, result in calls]
     assert any(not torch.equal(p, flip(len(p))) for p in perms)  # 4 random permutations of 8: not all B-1-i
     for _, _, target, result in calls:
@@ -91,7 +91,7 @@ def test_moex_with_batch_mixing_shares_mixups_pairing(mix, recorded, run_args, t
     calls = train_calls(recorded)
     assert calls and all(type(task) is MoExClassificationTask for task, *_ in calls)
     for task, _, target, result in calls:
-        assert task.pairing == 'flip'
+        assert task.moex.pairing == 'flip'
         perm = result['perm']
         assert torch.equal(perm.cpu(), flip(len(perm)))
         assert target.dim() == 2  # Mixup's soft targets

@@ -19,7 +19,6 @@ import importlib.util
 import logging
 import math
 import os
-import secrets
 import sys
 from importlib import resources
 from pathlib import Path
@@ -35,6 +34,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..hooks.layers import resolve_moex_layer
 from ..ops.moex import MOEX_NORMS, moment_exchange, parse_norm
+from ..train.files import atomic_path
 
 __all__ = [
     'exchange_images', 'feature_maps', 'load_image', 'load_pair', 'create_feature_model', 'render_grid',
@@ -72,9 +72,19 @@ class PretrainedWeightsError(DemoError):
 def load_image(path: Union[str, os.PathLike], role: str = 'input') -> np.ndarray:
     """Read an image file as float32 RGB in [0, 1], shape (H, W, 3).
 
-    Grayscale, palette and 16-bit images become RGB; transparency is composited over white.
-    Raises FileNotFoundError for a missing file and DemoError for anything Pillow cannot read,
-    both naming ``role`` and the path.
+    Grayscale, palette and 16-bit images become RGB; transparency is composited over white; the
+    EXIF orientation is applied.
+
+    Args:
+        path: The image file.
+        role: What the image is for ('feature', 'moment'), named in the error messages.
+
+    Returns:
+        The image, float32 (H, W, 3) in [0, 1].
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        DemoError: Pillow cannot read the file (not an image, truncated, corrupt or too large).
     """
     path = Path(path)
     if not path.exists():
@@ -153,9 +163,22 @@ def load_pair(
 ) -> Tuple[np.ndarray, np.ndarray]:
     """The two images as float32 RGB arrays (H, W, 3) in [0, 1], of the same size.
 
-    Each input is a path, a PIL image or an array. With ``size`` the feature image is resized
-    so that its longer side is ``size`` pixels (aspect kept). The moment image is then resized
-    to the feature image's size; a message is logged when their sizes differed.
+    The moment image is resized to the (resized) feature image's size; a message is logged when
+    their sizes differed.
+
+    Args:
+        feature_image: The image that gives the features: a path, a PIL image or an array
+            ((H, W), (H, W, 1), (H, W, 3) or (H, W, 4); uint8, or floats in [0, 1]).
+        moment_image: The image that gives the moments, in the same forms.
+        size: Resize the feature image so that its longer side is this many pixels (aspect kept);
+            None keeps its size.
+
+    Returns:
+        (feature image, moment image), each float32 (H, W, 3).
+
+    Raises:
+        FileNotFoundError: An image file does not exist.
+        DemoError: ``size`` is below 1, or an input cannot be read or has a bad dtype or shape.
     """
     if size is not None and size < 1:
         raise DemoError(f'size must be a positive number of pixels; got {size}')
@@ -204,12 +227,23 @@ def exchange_images(
 ) -> Dict[str, np.ndarray]:
     """Moment exchange between two images in pixel space.
 
-    ``a`` gives the features, ``b`` the moments (see ``load_pair`` for the accepted inputs and
-    ``size``). ``norm`` is any normalization of ``moment_exchange`` that fits three channels:
-    'pono' (over R, G, B at each pixel), 'in' (per channel over the image), 'ln', 'gn3', ...
+    The two images are a batch of two, and ``moment_exchange`` runs in float64 with ``perm=[1, 0]``.
 
-    Returns float32 arrays, unclipped: 'a', 'b', 'a_with_b_moments', 'b_with_a_moments'
-    (H, W, 3), and the PONO maps 'mean_a', 'std_a', 'mean_b', 'std_b' (H, W).
+    Args:
+        a: The image that gives the features (see :func:`load_pair` for the accepted inputs).
+        b: The image that gives the moments.
+        norm: Any normalization of ``moment_exchange`` that fits three channels: 'pono' (over
+            R, G, B at each pixel), 'in' (per channel over the image), 'ln', 'gn3', ...
+        eps: Added to the variances.
+        size: As in :func:`load_pair`.
+
+    Returns:
+        float32 arrays, unclipped: 'a', 'b', 'a_with_b_moments', 'b_with_a_moments' (H, W, 3),
+        and the PONO maps of the inputs 'mean_a', 'std_a', 'mean_b', 'std_b' (H, W).
+
+    Raises:
+        FileNotFoundError: An image file does not exist.
+        DemoError: ``norm`` is unknown or does not fit three channels, or an input is unusable.
     """
     _check_norm(norm)
     a_rgb, b_rgb = load_pair(a, b, size)
@@ -229,8 +263,18 @@ def exchange_images(
 def create_feature_model(model_name: str, pretrained: bool = False, seed: int = 0) -> nn.Module:
     """A timm model in eval mode: random weights drawn from ``seed``, or its pretrained weights.
 
-    Raises DemoError for a name timm does not know, PretrainedWeightsError when the weights
-    cannot be loaded (no network and not in the Hugging Face cache, say).
+    Args:
+        model_name: A timm model name.
+        pretrained: Load timm's pretrained weights (downloaded on first use, then cached).
+        seed: Seed of the random weights; the caller's random state is left as it was.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        DemoError: timm does not know ``model_name``.
+        PretrainedWeightsError: The weights cannot be loaded (no network and not in the Hugging
+            Face cache, say).
     """
     if not timm.is_model(model_name):
         raise DemoError(f'timm has no model named {model_name!r} (try timm.list_models("resnet*"))')
@@ -288,15 +332,33 @@ def feature_maps(
 ) -> Dict[str, np.ndarray]:
     """Moment exchange between two images in a model's feature space.
 
-    Both images go through ``model`` (a timm name, built by ``create_feature_model``, or a
-    module, put in eval mode; ``pretrained`` and ``seed`` apply to names only) up to ``layer``
-    ('stem' or a module name, see ``resolve_moex_layer``); the features there, of shape
-    (2, C, h, w), exchange moments with ``norm``.
+    Both images, normalized with the model's ``pretrained_cfg`` mean and std (ImageNet's when it
+    has none), go through ``model`` up to ``layer``; the features there, of shape (2, C, h, w)
+    (NHWC outputs are permuted), exchange moments with ``norm``.
 
-    Returns float32 maps of shape (h, w): the per-position mean and std over channels of A's
-    features ('mean_a', 'std_a'), of B's ('mean_b', 'std_b'), and of the exchanged ones
-    ('mean_a_with_b_moments', 'std_a_with_b_moments', 'mean_b_with_a_moments',
-    'std_b_with_a_moments').
+    Args:
+        a: The image that gives the features (see :func:`load_pair` for the accepted inputs).
+        b: The image that gives the moments.
+        model: A timm name, built by :func:`create_feature_model`, or a module, put in eval mode.
+        norm: The normalization of ``moment_exchange`` whose moments are exchanged.
+        pretrained: Load pretrained weights (names only).
+        layer: 'stem' or a dotted module name (see ``resolve_moex_layer``); its output must be
+            (B, C, H, W).
+        seed: Seed of the random weights (names only).
+        eps: Added to the variances.
+        size: As in :func:`load_pair`.
+
+    Returns:
+        float32 maps of shape (h, w): the per-position mean and std over channels of A's
+        features ('mean_a', 'std_a'), of B's ('mean_b', 'std_b'), and of the exchanged ones
+        ('mean_a_with_b_moments', 'std_a_with_b_moments', 'mean_b_with_a_moments',
+        'std_b_with_a_moments').
+
+    Raises:
+        FileNotFoundError: An image file does not exist.
+        DemoError: ``norm``, ``layer`` or an input is unusable, or the layer's output is not
+            (B, C, H, W) feature maps.
+        PretrainedWeightsError: The pretrained weights cannot be loaded.
     """
     _check_norm(norm)
     a_rgb, b_rgb = load_pair(a, b, size)
@@ -400,6 +462,14 @@ def render_grid(
     map row share one colour scale (dark blue low, yellow high), written in their labels.
     Columns are ``GRID_COLUMNS`` panels of the image size (enlarged by an integer factor to at
     least ``MIN_PANEL_SIDE``), ``PAD`` pixels apart.
+
+    Args:
+        pixel: What :func:`exchange_images` returned.
+        features: What :func:`feature_maps` returned; None draws the pixel rows only.
+        title: Text drawn above the panels, wrapped to the grid's width; '' for none.
+
+    Returns:
+        The grid, an RGB image.
     """
     height, width = pixel['a'].shape[:2]
     zoom = max(1, math.ceil(MIN_PANEL_SIDE / max(height, width)))
@@ -457,23 +527,22 @@ def _line_height(font) -> int:
 def save_png_atomic(image: Image.Image, path: Union[str, os.PathLike]) -> Path:
     """Write ``image`` as a PNG to ``path`` atomically, creating its folder if missing.
 
-    The file is written beside its target and renamed over it, so a reader never sees half a
-    file and an earlier grid stays intact when writing fails.
+    The file is written beside its target and renamed over it (``timm_moex.train.files.atomic_path``),
+    so a reader never sees half a file and an earlier grid stays intact when writing fails.
+
+    Args:
+        image: The image.
+        path: The PNG file to write or replace.
+
+    Returns:
+        ``path``, as a Path.
+
+    Raises:
+        OSError: The folder or the file cannot be written; no temporary file is left behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{secrets.token_hex(4)}.tmp')
-    # os.open with 0o666 gives the file the permissions the umask allows, as a plain open would.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            image.save(f, format='PNG')
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format='PNG')
     return path
 
 
@@ -486,6 +555,12 @@ def make_sample_images(size: int = SAMPLE_SIZE) -> Dict[str, Image.Image]:
     The feature image has sharp structure with colour at every pixel (PONO of a gray pixel is
     flat, so it would carry no content): a two-colour checkerboard with a striped disc. The
     moment image is smooth: a colour gradient with soft blobs.
+
+    Args:
+        size: The side of both (square) images, in pixels.
+
+    Returns:
+        {file name (``SAMPLE_FEATURE_IMAGE``, ``SAMPLE_MOMENT_IMAGE``): RGB image}.
     """
     yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size  # pixel centres in (0, 1)
 
@@ -596,8 +671,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The ``moex-demo`` command; returns the exit status: 2 for unusable inputs, 1 when pretrained
-    weights cannot be loaded."""
+    """The ``moex-demo`` command: writes the grid and prints its path.
+
+    Args:
+        argv: The command line without the program name; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0, 2 for unusable inputs (one line on stderr), 1 when pretrained weights
+        cannot be loaded. A bad command line exits through argparse (status 2).
+    """
     parser = _build_parser()
     args = parser.parse_args(argv)
     if len(args.images) not in (0, 2):

@@ -319,7 +319,8 @@ class MixStyleHook(StyleHook):
     def restyle(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         batch = x.shape[0]
         concentration = torch.tensor(self.alpha, device=x.device)
-        weight = torch.distributions.Beta(concentration, concentration).sample((batch,))
+        # alpha was checked when the hook was made; Beta's own argument check reads the device back every forward
+        weight = torch.distributions.Beta(concentration, concentration, validate_args=False).sample((batch,))
         perm = self.pairing(batch, x.device)
         return mix_moments(x, perm, weight, norm='in', eps=self.eps, channel_dim=channel_dim, detach=self.detach)
 

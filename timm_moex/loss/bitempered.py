@@ -21,6 +21,9 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from ..utils.amp import autocast_off
+from ..utils.checks import check_class_indices
+
 __all__ = ['BiTemperedLogisticLoss', 'bi_tempered_logistic_loss', 'tempered_softmax', 'tempered_normalizer',
            'log_t', 'exp_t']
 
@@ -110,20 +113,29 @@ def tempered_normalizer(a: torch.Tensor, t: float, num_iters: int = 5) -> torch.
     return _TemperedNormalizer.apply(a, t, num_iters)
 
 
-def _tempered_log_softmax(a: torch.Tensor, t: float, num_iters: int) -> torch.Tensor:
-    """``log p`` of the tempered softmax, from its argument (never ``log`` of an underflowed p).
-
-    Classes outside exp_t's support (t < 1) get -inf, with a zero gradient.
-    """
+def _tempered_argument(a: torch.Tensor, t: float, num_iters: int) -> torch.Tensor:
+    """``u = a - lam(a)``, the argument of exp_t in the tempered softmax ``p = exp_t(u)``."""
     # Shift by the (constant) max first: lam(a) = mu + lam(a - mu), and adding mu back to lam
     # before subtracting would round away lam's small part (float32 logits of 1e4, say).
     a0 = a - a.detach().amax(-1, keepdim=True)
-    u = a0 - tempered_normalizer(a0, t, num_iters)
+    return a0 - tempered_normalizer(a0, t, num_iters)
+
+
+def _log_exp_t(u: torch.Tensor, t: float) -> torch.Tensor:
+    """``log exp_t(u)`` (never ``log`` of an underflowed exp_t).
+
+    Where ``exp_t(u) = 0`` (outside its support, t < 1) it is -inf, with a zero gradient.
+    """
     if t == 1.0:
         return u
     base = 1.0 + (1.0 - t) * u
     inside = base > 0
     return torch.where(inside, torch.log(torch.where(inside, base, 1.0)) / (1.0 - t), -math.inf)
+
+
+def _tempered_log_softmax(a: torch.Tensor, t: float, num_iters: int) -> torch.Tensor:
+    """``log p`` of the tempered softmax; classes outside exp_t's support (t < 1) get -inf."""
+    return _log_exp_t(_tempered_argument(a, t, num_iters), t)
 
 
 def tempered_softmax(a: torch.Tensor, t: float, num_iters: int = 5) -> torch.Tensor:
@@ -159,12 +171,15 @@ def bi_tempered_logistic_loss(
 ) -> torch.Tensor:
     """The bi-tempered logistic loss of ``logits`` (..., K) and ``target``.
 
-    The loss is computed in float32 (float64 stays float64) with autocast off.
+    The loss is computed in float32 (float64 stays float64) with autocast off. With t1 = t2 < 1
+    the gradient at a class outside the tempered softmax's support is the authors' released
+    code's, ``p - y``, not the zero derivative of the loss there (docs/methods.md).
 
     Args:
         logits: Floating-point activations (..., K).
-        target: Class indices (an integer tensor of shape (...)) or probabilities (a float
-            tensor of the logits' shape, such as ``timm.data.Mixup`` makes; rows need not sum to 1).
+        target: Class indices in [0, K) (an integer tensor of shape (...)) or probabilities (a
+            float tensor of the logits' shape, such as ``timm.data.Mixup`` makes; rows need not
+            sum to 1).
         t1: Temperature of the loss' logarithm, in (0, 2); < 1 bounds the loss.
         t2: Temperature of the softmax, > 0; > 1 gives heavy tails.
         smoothing: Label smoothing s, in [0, 1): either target becomes ``(1 - s) * y + s / K``
@@ -173,7 +188,12 @@ def bi_tempered_logistic_loss(
         reduction: 'mean', 'sum' or 'none' (one value per row).
 
     Returns:
-        The loss: a scalar, or one value per row with ``reduction='none'``.
+        The loss: a scalar, or one value per row with ``reduction='none'``. A row with a NaN or
+        infinite logit has a NaN loss, and so has a row whose class index is out of range where
+        it is not refused (CUDA, vmap, torch.compile: checking there would synchronize).
+
+    Raises:
+        ValueError: A class index on the CPU is outside [0, K), or an argument is out of range.
     """
     _check_args(t1, t2, smoothing, num_iters)
     if reduction not in ('mean', 'sum', 'none'):
@@ -183,8 +203,10 @@ def bi_tempered_logistic_loss(
                          f'of shape {tuple(logits.shape)}')
     num_classes = logits.shape[-1]
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits.device.type):
         a = logits.to(dtype)
+        # No finite loss stands for a row with a NaN or infinite logit (a diverging run): it is NaN.
+        valid = torch.isfinite(a).all(-1)
         if target.is_floating_point():
             if target.shape != logits.shape:
                 raise ValueError(f'soft targets must have the logits\' shape {tuple(logits.shape)}; '
@@ -194,23 +216,36 @@ def bi_tempered_logistic_loss(
             if target.shape != logits.shape[:-1]:
                 raise ValueError(f'class-index targets must have shape {tuple(logits.shape[:-1])} for logits of '
                                  f'shape {tuple(logits.shape)}; got {tuple(target.shape)}')
+            check_class_indices(target, num_classes, 'the logits')
             # A comparison, not F.one_hot: no data-dependent check, so it runs under vmap.
             classes = torch.arange(num_classes, device=target.device)
             y = (target.unsqueeze(-1) == classes).to(dtype)
+            # An index that the check above cannot see (CUDA, vmap, torch.compile) makes its row NaN.
+            valid = valid & (target >= 0) & (target < num_classes)
         else:
             raise TypeError(f'target must hold class indices (integer) or probabilities (float); got {target.dtype}')
         if smoothing:
             y = y * (1.0 - smoothing) + smoothing / num_classes
 
-        log_p = _tempered_log_softmax(a, t2, num_iters)
+        u = _tempered_argument(a, t2, num_iters)
+        log_p = _log_exp_t(u, t2)
+        if t1 == t2 < 1.0:
+            # log_t1(p) is u inside the support and log_t1(0) = -1 / (1 - t1) outside it, where the
+            # loss does not change with the logit. The authors' released code gives such a class the
+            # gradient (p - y) * p^(t2 - t1) = -y (0^0 = 1), which pulls a labelled class back into
+            # the support: the same value, with u's gradient.
+            log_t1_p = u + (u.clamp_min(-1.0 / (1.0 - t1)) - u).detach()
+        else:
+            log_t1_p = _log_t_of_log(log_p, t1)
         positive = y > 0
         # y log_t1(y) -> 0 as y -> 0 (t1 < 2); p^(2-t1) and y^(2-t1) vanish at 0.
         log_y = torch.log(torch.where(positive, y, 1.0))
         y_log_y = torch.where(positive, y * _log_t_of_log(log_y, t1), 0.0)
-        y_log_p = y * torch.where(positive, _log_t_of_log(log_p, t1), 0.0)
+        y_log_p = y * torch.where(positive, log_t1_p, 0.0)
         # Summed term by term: at t1 = 1 the last two sums are both 1 and cancel to rounding.
         loss = (y_log_y.sum(-1) - y_log_p.sum(-1)
                 - (y.pow(2.0 - t1).sum(-1) - torch.exp((2.0 - t1) * log_p).sum(-1)) / (2.0 - t1))
+        loss = torch.where(valid, loss, math.nan)
     if reduction == 'mean':
         return loss.mean()
     if reduction == 'sum':

@@ -13,6 +13,9 @@ def interpolated_loss(criterion: Criterion, output: torch.Tensor, target: torch.
                       lam: float) -> torch.Tensor:
     """``lam * criterion(output, target) + (1 - lam) * criterion(output, target[perm])``.
 
+    The arguments are not checked here: their callers check ``lam`` where it enters
+    (:class:`MoExLoss`, ``MoExMixing``'s constructor), not on every step.
+
     Args:
         criterion: The loss of a batch of outputs against a batch of targets.
         output: The model's outputs.
@@ -23,12 +26,7 @@ def interpolated_loss(criterion: Criterion, output: torch.Tensor, target: torch.
 
     Returns:
         The interpolated loss.
-
-    Raises:
-        ValueError: ``lam`` is outside [0, 1].
     """
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f'lam must be in [0, 1]; got {lam}')
     if lam == 1.0:
         return criterion(output, target)
     return lam * criterion(output, target) + (1.0 - lam) * criterion(output, target[perm])
@@ -62,5 +60,14 @@ class MoExLoss(nn.Module):
 
         Returns:
             ``lam * criterion(output, target) + (1 - lam) * criterion(output, target[perm])``.
+
+        Raises:
+            ValueError: ``lam`` is outside [0, 1], or ``perm`` is not one index per sample.
         """
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f'lam must be in [0, 1]; got {lam}')
+        if not isinstance(perm, torch.Tensor) or perm.shape != output.shape[:1]:
+            raise ValueError(f'perm must have shape ({output.shape[0]},), one donor index per sample of the batch; '
+                             + (f'got shape {tuple(perm.shape)}' if isinstance(perm, torch.Tensor)
+                                else f'got {type(perm).__name__}'))
         return interpolated_loss(self.criterion, output, target, perm, lam)

@@ -3,6 +3,8 @@
 ``timm.create_model('resnet50_moex', pretrained=True, moex_norm='pono', moex_layer='stem')``
 builds ``resnet50`` exactly as timm would (same weights, same state_dict keys) and attaches
 ``timm_moex.attach_moex`` before returning, so the hook exists before any ``torch.compile``.
+Every ``moex_<name>`` argument (``moex_norm``, ``moex_layer``, ``moex_eps``, ``moex_detach``,
+``moex_channel_dim``, ``moex_impl``) is ``attach_moex``'s ``<name>``, checked when the hook is made.
 Each variant is registered with its base model's pretrained configs (same files, same hub
 ids), so ``timm.list_pretrained('*_moex')`` and the tags (``resnet50_moex.a1_in1k``) work.
 
@@ -44,7 +46,7 @@ MOEX_BASE_MODELS = (
 # Read by timm's register_model for the variants' pretrained configs.
 default_cfgs: Dict[str, DefaultCfg] = {}
 
-_MOEX_KWARGS = ('norm', 'layer', 'eps', 'detach', 'channel_dim')
+_MOEX_KWARGS = ('norm', 'layer', 'eps', 'detach', 'channel_dim', 'impl')
 # create_model arguments that ask for (or configure) timm's features_only wrapper
 _FEATURE_KWARGS = ('features_only', 'out_indices', 'feature_cls', 'feature_cfg')
 _variant_base: Dict[str, str] = {}
@@ -130,7 +132,7 @@ def create_model(model_name: str, moex: Optional[Dict[str, Any]] = None, **kwarg
 
     Args:
         model_name: Any timm model name (a ``*_moex`` variant too); tags like ``.a1_in1k`` work.
-        moex: Arguments of ``timm_moex.attach_moex`` (norm, layer, eps, detach, channel_dim);
+        moex: Arguments of ``timm_moex.attach_moex`` (norm, layer, eps, detach, channel_dim, impl);
             None for the defaults (PONO at the stem).
         **kwargs: Passed to ``timm.create_model``.
 

@@ -17,13 +17,13 @@ device, every norm, and what ``torch.compile`` traces; shared with MixStyle and 
 """
 import warnings
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from .moments import MOEX_NORMS, check_perm, moment_view, parse_norm, replace_moments
+from .moments import MOEX_NORMS, check_eps, check_perm, moment_view, parse_norm, replace_moments
 
-__all__ = ['moment_exchange', 'parse_norm', 'MOEX_NORMS', 'MOEX_IMPLS']
+__all__ = ['moment_exchange', 'exchange_parsed', 'check_impl', 'parse_norm', 'MOEX_NORMS', 'MOEX_IMPLS']
 
 MOEX_IMPLS = ('auto', 'triton', 'torch')
 """Implementations of ``moment_exchange``: 'auto' takes the Triton kernels wherever they apply."""
@@ -44,11 +44,12 @@ def moment_exchange(
     Args:
         x: Features with the batch first: (B, C, H, W) (contiguous or channels_last),
             (B, H, W, C) or tokens (B, N, C) with ``channel_dim=-1``, or any (B, C, ...).
-        perm: Integer tensor of shape (B,); ``perm[i]`` is the donor of sample i's moments.
+        perm: Integer tensor of shape (B,) on x's device or the CPU; ``perm[i]`` is the donor
+            of sample i's moments, in [-B, B) (negative ones count from the end).
         norm: Which moments: 'pono' (over channels at each position; the paper's default),
             'in' (per channel over positions), 'ln' (over everything but the batch), 'gnG' (G
             channel groups), 'gn-dD' (groups of D channels), 'gponoG' (PONO inside G groups).
-        eps: Added to the unbiased variance inside the square root.
+        eps: Added to the unbiased variance inside the square root; a finite number >= 0.
         channel_dim: The channel dimension: 1 for NCHW, -1 for NHWC and tokens.
         detach: Stop gradients through the donor's moments (the paper lets them flow).
         impl: 'auto' (fused Triton kernels for 'pono' and 'gponoG' on CUDA outside
@@ -58,11 +59,31 @@ def moment_exchange(
     Returns:
         A tensor of x's shape, dtype and memory format.
     """
-    xg, dims, channel_dim = moment_view(x, norm, channel_dim, 'moment_exchange')
-    check_perm(perm, x.shape[0])
+    check_impl(impl)
+    check_eps(eps)
+    return exchange_parsed(x, perm, norm, parse_norm(norm), eps, channel_dim, detach, impl)
+
+
+def exchange_parsed(x: torch.Tensor, perm: torch.Tensor, norm: str, spec: Tuple[str, int, int], eps: float,
+                    channel_dim: int, detach: bool, impl: str) -> torch.Tensor:
+    """:func:`moment_exchange` for a caller that checked its fixed arguments once (``MoExHook``, in its constructor).
+
+    ``x`` and ``perm``, new at every call, are checked here; ``norm``, ``eps`` and ``impl`` are not.
+
+    Args:
+        x, perm, eps, channel_dim, detach: As :func:`moment_exchange`.
+        norm: The normalization's name (for the messages about x's shape).
+        spec: ``parse_norm(norm)``.
+        impl: One of ``MOEX_IMPLS`` (see :func:`check_impl`).
+
+    Returns:
+        A tensor of x's shape, dtype and memory format.
+    """
+    xg, dims, channel_dim = moment_view(x, norm, channel_dim, 'moment_exchange', spec)
+    check_perm(perm, x.shape[0], x.device)
 
     groups = xg.shape[channel_dim] if xg.dim() > x.dim() else 1  # channel groups of the grouped norms
-    kernels = _fused_kernels(impl, x, norm, channel_dim, groups)
+    kernels = _fused_kernels(impl, x, norm, spec[0], channel_dim, groups)
     if kernels is not None:
         return _FusedPonoExchange.apply(x, perm.to(x.device).contiguous(), kernels, groups, channel_dim, float(eps),
                                         bool(detach))
@@ -107,12 +128,11 @@ def _load_triton_kernels() -> Optional[ModuleType]:
     return _triton_kernels
 
 
-def _fused_kernels(impl: str, x: torch.Tensor, norm: str, channel_dim: int, groups: int) -> Optional[ModuleType]:
-    """The Triton kernel module if ``impl`` and x call for it, else None (PyTorch ops)."""
-    check_impl(impl)
+def _fused_kernels(impl: str, x: torch.Tensor, norm: str, kind: str, channel_dim: int,
+                   groups: int) -> Optional[ModuleType]:
+    """The Triton kernel module if ``impl`` and x call for it, else None (PyTorch ops); ``kind`` is norm's."""
     if impl == 'torch' or (impl == 'auto' and not x.is_cuda):
         return None
-    kind = parse_norm(norm)[0]
     group_width = x.shape[channel_dim] // groups
     compiling = torch.compiler.is_compiling()
     kernels = None if compiling else _load_triton_kernels()
@@ -137,14 +157,18 @@ def _fused_kernels(impl: str, x: torch.Tensor, norm: str, channel_dim: int, grou
     return None
 
 
-def check_impl(impl: str) -> None:
+def check_impl(impl: str) -> str:
     """Refuse an ``impl`` that is not one of ``MOEX_IMPLS``.
 
     Args:
         impl: The implementation asked for.
+
+    Returns:
+        ``impl``, unchanged.
 
     Raises:
         ValueError: ``impl`` is not in ``MOEX_IMPLS``.
     """
     if impl not in MOEX_IMPLS:
         raise ValueError(f'impl={impl!r} is not an implementation of moment_exchange; use one of {MOEX_IMPLS}')
+    return impl

@@ -2,16 +2,18 @@
 
 ``moment_exchange`` composed of PyTorch ops launches about ten kernels forward and twenty-five
 backward, with float32 temporaries of the features' size; in eager mode on a GPU that is
-launch-bound at stem sizes. These kernels do the same arithmetic in one launch forward and
-two (one with ``detach``) plus a zero-fill backward:
+launch-bound at stem sizes. These kernels do the same arithmetic in one launch per direction,
+with nothing that waits on the host:
 
 - forward, one program per (sample, channel group, block of positions): load the sample's
   tile and its donor's, take both moments in registers, write ``(x - m) / s * s' + m'`` and
   the sample's own (m, s) for the backward;
-- backward, donor pass: each sample's ``sum(g)`` and ``sum(g * n)`` are atomically added into
-  its donor's slot (a permutation adds once per slot, so the result is deterministic);
-- backward, input pass: the gradient ``g * s'/s + (x - m) * b + c`` with the own and donor
-  terms of ``moment_exchange``'s backward.
+- backward, one program per the same tile: the gradient ``g * s'/s + (x - m) * b + c`` with
+  the own and donor terms of ``moment_exchange``'s backward. The donor terms are the sums
+  ``sum(g)`` and ``sum(g * n)`` of the samples that took this sample's moments (its
+  recipients): the program finds them in ``perm`` and reads their tiles itself, so the
+  backward needs no second pass, no zero-filled buffer and no atomics, and adds the
+  recipients in batch order (deterministic, also when a donor serves several samples).
 
 The features are seen as (B, C, S) with S the flattened positions, which covers NCHW (S
 stride 1), channels_last, NHWC and tokens (C stride 1) without a copy. Statistics are kept in
@@ -34,6 +36,7 @@ __all__ = ['MAX_GROUP_CHANNELS', 'interpreted', 'layout', 'pono_exchange_forward
 MAX_GROUP_CHANNELS = 2048
 """Groups wider than this are left to the composed ops: a tile holds a whole group's channels."""
 
+_MAX_BLOCK_B = 1024  # donor indices the backward scans at once for a sample's recipients
 _TILE = 4096  # elements of a (channels, positions) tile per program: a first guess, not yet tuned on a GPU
 
 # Triton reads TRITON_INTERPRET when a kernel is defined, i.e. at this module's import
@@ -70,12 +73,16 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 @triton.jit
-def _moments(v, mask, n: tl.constexpr, eps):
-    """Mean, centred values and sqrt(unbiased variance + eps) of each column of a masked tile."""
+def _moments(v, mask, n: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr):
+    """Mean, centred values and sqrt(unbiased variance + EPS) of each column of a masked tile."""
     mean = tl.sum(v, 0) / n
     centred = tl.where(mask, v - mean[None, :], 0.0)
     var = tl.sum(centred * centred, 0) / (n - 1)
-    return mean, centred, tl.sqrt(var + eps)
+    # EPS is made in the statistics' dtype, as PyTorch adds eps. A Python float is float32 in a
+    # kernel, as an argument or as a bare constant: 1e-5 would arrive as 1e-5 * (1 - 2.5e-9), and
+    # where a group's variance is near eps (groups of 2 channels) the float64 gradient, whose terms
+    # cancel down to about eps / variance of their size, would move by up to ~1e-7 relative.
+    return mean, centred, tl.sqrt(var + tl.full([], EPS, ACC))
 
 
 @triton.jit
@@ -108,9 +115,9 @@ def _tile_offsets(pid_s, group, S, sc, ss, GROUP_C: tl.constexpr, BLOCK_C: tl.co
 @triton.jit
 def _forward_kernel(
         x_ptr, perm_ptr, out_ptr, mean_ptr, std_ptr,
-        B, S, eps,
+        B, S,
         x_sb, x_sc, x_ss, o_sb, o_sc, o_ss,
-        GROUPS: tl.constexpr, GROUP_C: tl.constexpr,
+        GROUPS: tl.constexpr, GROUP_C: tl.constexpr, EPS: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     pid, sample, group = _program(GROUPS)
@@ -118,8 +125,8 @@ def _forward_kernel(
     x_off, mask, offs_s, s_mask = _tile_offsets(tl.program_id(1), group, S, x_sc, x_ss, GROUP_C, BLOCK_C, BLOCK_S)
     own = tl.load(x_ptr + sample * x_sb + x_off, mask=mask, other=0.0).to(ACC)
     don = tl.load(x_ptr + donor * x_sb + x_off, mask=mask, other=0.0).to(ACC)
-    mean, centred, std = _moments(own, mask, GROUP_C, eps)
-    donor_mean, _, donor_std = _moments(don, mask, GROUP_C, eps)
+    mean, centred, std = _moments(own, mask, GROUP_C, EPS, ACC)
+    donor_mean, _, donor_std = _moments(don, mask, GROUP_C, EPS, ACC)
     donor_mean = tl.where(valid, donor_mean, float('nan'))  # no silent result for an index out of range
     out = centred * (donor_std / std)[None, :] + donor_mean[None, :]
     o_off, _, _, _ = _tile_offsets(tl.program_id(1), group, S, o_sc, o_ss, GROUP_C, BLOCK_C, BLOCK_S)
@@ -130,16 +137,17 @@ def _forward_kernel(
 
 
 @triton.jit
-def _load_grad_tiles(g_ptr, x_ptr, mean_ptr, std_ptr, sample, group, pid, S,
-                     g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
-                     GROUP_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    """The incoming gradient, the centred input and the sample's moments of one tile, with
+def _grad_sums(g_ptr, x_ptr, mean_ptr, std_ptr, sample, group, S,
+               g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
+               GROUPS: tl.constexpr, GROUP_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+               ACC: tl.constexpr):
+    """The incoming gradient, the centred input and the moments of one sample's tile, with
     sum(g) and sum(g * n) over each position's channels."""
     g_off, mask, offs_s, s_mask = _tile_offsets(tl.program_id(1), group, S, g_sc, g_ss, GROUP_C, BLOCK_C, BLOCK_S)
     x_off, _, _, _ = _tile_offsets(tl.program_id(1), group, S, x_sc, x_ss, GROUP_C, BLOCK_C, BLOCK_S)
     g = tl.load(g_ptr + sample * g_sb + g_off, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + sample * x_sb + x_off, mask=mask, other=0.0).to(ACC)
-    stat = pid.to(tl.int64) * S + offs_s
+    stat = (sample * GROUPS + group) * S + offs_s
     mean = tl.load(mean_ptr + stat, mask=s_mask, other=0.0)
     std = tl.load(std_ptr + stat, mask=s_mask, other=1.0)
     centred = tl.where(mask, x - mean[None, :], 0.0)
@@ -149,43 +157,54 @@ def _load_grad_tiles(g_ptr, x_ptr, mean_ptr, std_ptr, sample, group, pid, S,
 
 
 @triton.jit
-def _backward_donor_kernel(
-        g_ptr, x_ptr, perm_ptr, mean_ptr, std_ptr, donor_g_ptr, donor_gn_ptr,
-        B, S,
-        g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
-        GROUPS: tl.constexpr, GROUP_C: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
-):
-    pid, sample, group = _program(GROUPS)
-    _, _, _, g_sum, gn_sum, offs_s, s_mask, _ = _load_grad_tiles(
-        g_ptr, x_ptr, mean_ptr, std_ptr, sample, group, pid, S, g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
-        GROUP_C, BLOCK_C, BLOCK_S, ACC)
-    donor, _ = _donor(perm_ptr, sample, B)
-    slot = (donor * GROUPS + group) * S + offs_s
-    tl.atomic_add(donor_g_ptr + slot, g_sum, mask=s_mask)
-    tl.atomic_add(donor_gn_ptr + slot, gn_sum, mask=s_mask)
+def _recipient_sums(g_ptr, x_ptr, perm_ptr, mean_ptr, std_ptr, sample, group, B, S,
+                    g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
+                    GROUPS: tl.constexpr, GROUP_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_B: tl.constexpr, ACC: tl.constexpr):
+    """sum(g) and sum(g * n) of the samples whose donor is ``sample``, added in batch order.
+
+    Indices are read as ``_donor`` reads them: a negative one counts from the end, one out of
+    range is nobody's (its recipient's output is NaN already)."""
+    g_acc = tl.zeros([BLOCK_S], ACC)
+    gn_acc = tl.zeros([BLOCK_S], ACC)
+    for start in range(0, B, BLOCK_B):
+        ks = start + tl.arange(0, BLOCK_B)
+        donors = tl.load(perm_ptr + ks, mask=ks < B, other=0).to(tl.int64)
+        donors = tl.where(donors < 0, donors + B, donors)
+        todo = (ks < B) & (donors == sample)
+        for _ in range(tl.sum(todo.to(tl.int32), 0)):
+            recipient = tl.min(tl.where(todo, ks, B), 0)
+            todo = todo & (ks != recipient)
+            _, _, _, g_sum, gn_sum, _, _, _ = _grad_sums(
+                g_ptr, x_ptr, mean_ptr, std_ptr, recipient.to(tl.int64), group, S, g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
+                GROUPS, GROUP_C, BLOCK_C, BLOCK_S, ACC)
+            g_acc += g_sum
+            gn_acc += gn_sum
+    return g_acc, gn_acc
 
 
 @triton.jit
-def _backward_input_kernel(
-        g_ptr, x_ptr, perm_ptr, mean_ptr, std_ptr, donor_g_ptr, donor_gn_ptr, dx_ptr,
+def _backward_kernel(
+        g_ptr, x_ptr, perm_ptr, mean_ptr, std_ptr, dx_ptr,
         B, S,
         g_sb, g_sc, g_ss, x_sb, x_sc, x_ss, d_sb, d_sc, d_ss,
         GROUPS: tl.constexpr, GROUP_C: tl.constexpr, DONOR_GRAD: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid, sample, group = _program(GROUPS)
-    g, centred, std, g_sum, gn_sum, offs_s, s_mask, mask = _load_grad_tiles(
-        g_ptr, x_ptr, mean_ptr, std_ptr, sample, group, pid, S, g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
-        GROUP_C, BLOCK_C, BLOCK_S, ACC)
+    _, sample, group = _program(GROUPS)
+    g, centred, std, g_sum, gn_sum, offs_s, s_mask, mask = _grad_sums(
+        g_ptr, x_ptr, mean_ptr, std_ptr, sample, group, S, g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
+        GROUPS, GROUP_C, BLOCK_C, BLOCK_S, ACC)
     donor, _ = _donor(perm_ptr, sample, B)
     donor_std = tl.load(std_ptr + (donor * GROUPS + group) * S + offs_s, mask=s_mask, other=1.0)
     b = -donor_std * gn_sum / std
     c = -donor_std * g_sum / (GROUP_C * std)
     if DONOR_GRAD:
-        stat = pid.to(tl.int64) * S + offs_s
-        b += tl.load(donor_gn_ptr + stat, mask=s_mask, other=0.0)
-        c += tl.load(donor_g_ptr + stat, mask=s_mask, other=0.0) / GROUP_C
+        recipients_g, recipients_gn = _recipient_sums(
+            g_ptr, x_ptr, perm_ptr, mean_ptr, std_ptr, sample, group, B, S, g_sb, g_sc, g_ss, x_sb, x_sc, x_ss,
+            GROUPS, GROUP_C, BLOCK_C, BLOCK_S, BLOCK_B, ACC)
+        b += recipients_gn
+        c += recipients_g / GROUP_C
     b = b / ((GROUP_C - 1) * std)
     dx = g * (donor_std / std)[None, :] + centred * b[None, :] + c[None, :]
     d_off, _, _, _ = _tile_offsets(tl.program_id(1), group, S, d_sc, d_ss, GROUP_C, BLOCK_C, BLOCK_S)
@@ -215,6 +234,8 @@ def pono_exchange_forward(x: torch.Tensor, perm: torch.Tensor, groups: int, chan
 
     ``mean`` and ``std`` are the sample's own moments, of shape (B, groups, S), for the backward.
     The caller checks that ``layout(x, channel_dim)`` is not None and the group fits a tile.
+    ``eps`` is a compile-time constant of the kernel (one compilation per value), so that it
+    reaches a float64 kernel as the float64 number, not rounded to float32.
     """
     batch, channels, positions = x.shape[0], x.shape[channel_dim], _positions(x, channel_dim)
     group_c = channels // groups
@@ -226,8 +247,8 @@ def pono_exchange_forward(x: torch.Tensor, perm: torch.Tensor, groups: int, chan
     grid = (batch * groups, triton.cdiv(positions, block_s))
     with _launching_on(x):
         _forward_kernel[grid](
-            x, perm, out, mean, std, batch, positions, eps, *layout(x, channel_dim), *layout(out, channel_dim),
-            GROUPS=groups, GROUP_C=group_c, BLOCK_C=block_c, BLOCK_S=block_s, ACC=_acc_dtype(x.dtype),
+            x, perm, out, mean, std, batch, positions, *layout(x, channel_dim), *layout(out, channel_dim),
+            GROUPS=groups, GROUP_C=group_c, EPS=eps, BLOCK_C=block_c, BLOCK_S=block_s, ACC=_acc_dtype(x.dtype),
             num_warps=warps)
     return out, mean, std
 
@@ -242,18 +263,11 @@ def pono_exchange_backward(grad: torch.Tensor, x: torch.Tensor, perm: torch.Tens
     group_c = x.shape[channel_dim] // groups
     block_c, block_s, warps = _blocks(group_c)
     grid = (batch * groups, triton.cdiv(positions, block_s))
-    acc = _acc_dtype(x.dtype)
-    sizes = dict(GROUPS=groups, GROUP_C=group_c, BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc, num_warps=warps)
-    g_strides, x_strides = layout(grad, channel_dim), layout(x, channel_dim)
     dx = torch.empty_like(x)
     with _launching_on(x):
-        if detach:
-            donor_g = donor_gn = mean  # not read
-        else:
-            donor_g, donor_gn = torch.zeros((2,) + tuple(mean.shape), device=x.device, dtype=mean.dtype)
-            _backward_donor_kernel[grid](
-                grad, x, perm, mean, std, donor_g, donor_gn, batch, positions, *g_strides, *x_strides, **sizes)
-        _backward_input_kernel[grid](
-            grad, x, perm, mean, std, donor_g, donor_gn, dx, batch, positions,
-            *g_strides, *x_strides, *layout(dx, channel_dim), DONOR_GRAD=not detach, **sizes)
+        _backward_kernel[grid](
+            grad, x, perm, mean, std, dx, batch, positions,
+            *layout(grad, channel_dim), *layout(x, channel_dim), *layout(dx, channel_dim),
+            GROUPS=groups, GROUP_C=group_c, DONOR_GRAD=not detach, BLOCK_C=block_c, BLOCK_S=block_s,
+            BLOCK_B=min(triton.next_power_of_2(batch), _MAX_BLOCK_B), ACC=_acc_dtype(x.dtype), num_warps=warps)
     return dx

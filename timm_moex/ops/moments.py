@@ -16,14 +16,17 @@ float64), under autocast too, with a hand-written backward. The new moments are
   ICLR 2022): ``mean + noise * std_batch(mean)`` and ``std + noise' * std_batch(std)``, where
   ``std_batch`` is the standard deviation over the batch of each statistic (:func:`perturb_moments`).
 """
+import math
 import re
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ..utils.amp import autocast_off
+
 __all__ = [
-    'mix_moments', 'perturb_moments', 'moment_shape', 'replace_moments', 'moment_view', 'check_perm', 'parse_norm',
-    'MOEX_NORMS',
+    'mix_moments', 'perturb_moments', 'moment_shape', 'replace_moments', 'moment_view', 'check_perm', 'check_eps',
+    'parse_norm', 'MOEX_NORMS',
 ]
 
 MOEX_NORMS = ('pono', 'in', 'ln', 'gnG', 'gn-dD', 'gponoG')
@@ -65,9 +68,10 @@ def parse_norm(norm: str) -> Tuple[str, int, int]:
         '(G groups, or groups of D channels, as positive integers, e.g. gn4, gn-d16, gpono2).')
 
 
-def _grouped_view(x: torch.Tensor, norm: str, channel_dim: int) -> Tuple[torch.Tensor, List[int]]:
-    """View x so that the statistics of ``norm`` reduce over the returned dims."""
-    kind, groups, group_size = parse_norm(norm)
+def _grouped_view(x: torch.Tensor, norm: str, channel_dim: int,
+                  spec: Tuple[str, int, int]) -> Tuple[torch.Tensor, List[int]]:
+    """View x so that the statistics of ``norm`` (parsed: ``spec``) reduce over the returned dims."""
+    kind, groups, group_size = spec
     other = [d for d in range(1, x.dim()) if d != channel_dim]
     if kind == 'pono':
         return x, [channel_dim]
@@ -97,7 +101,8 @@ def _grouped_view(x: torch.Tensor, norm: str, channel_dim: int) -> Tuple[torch.T
     return xg, [in_group] + [d + 1 if d > channel_dim else d for d in other]
 
 
-def moment_view(x: torch.Tensor, norm: str, channel_dim: int, op: str) -> Tuple[torch.Tensor, List[int], int]:
+def moment_view(x: torch.Tensor, norm: str, channel_dim: int, op: str,
+                spec: Optional[Tuple[str, int, int]] = None) -> Tuple[torch.Tensor, List[int], int]:
     """Check x for an operation on its moments and view it so that the moments reduce over dims.
 
     Args:
@@ -105,6 +110,8 @@ def moment_view(x: torch.Tensor, norm: str, channel_dim: int, op: str) -> Tuple[
         norm: Which moments (``MOEX_NORMS``).
         channel_dim: The channel dimension, negative or not.
         op: The operation's name, for the error messages.
+        spec: ``parse_norm(norm)``, from a caller that parsed ``norm`` once (a hook, in its
+            constructor); None parses it here.
 
     Returns:
         (xg, dims, channel_dim): a view of x (with the channels split into groups for the
@@ -125,7 +132,7 @@ def moment_view(x: torch.Tensor, norm: str, channel_dim: int, op: str) -> Tuple[
             f'channel_dim={channel_dim} is not a channel dimension of a tensor of shape {tuple(x.shape)}; '
             'use 1 (NCHW, the default) or -1 (NHWC and tokens)')
     channel_dim %= x.dim()
-    xg, dims = _grouped_view(x, norm, channel_dim)
+    xg, dims = _grouped_view(x, norm, channel_dim, parse_norm(norm) if spec is None else spec)
     count = _reduced_count(xg, dims)
     if count < 2:
         raise ValueError(
@@ -166,16 +173,22 @@ def moment_shape(x: torch.Tensor, norm: str = 'in', channel_dim: int = 1) -> Tup
     return x.shape[0], stats
 
 
-def check_perm(perm: torch.Tensor, batch_size: int) -> None:
+def check_perm(perm: torch.Tensor, batch_size: int, device: Optional[torch.device] = None) -> None:
     """Refuse a pairing that is not one integer index per sample.
+
+    An index outside [-B, B) is refused where ``perm`` is on the CPU; a check of a CUDA ``perm``
+    would synchronize the device every step, so it is left to the indexing there (a device-side
+    assert in PyTorch's ops, a NaN sample in the Triton kernels).
 
     Args:
         perm: The donors, ``perm[i]`` for sample i.
         batch_size: B.
+        device: The features' device: ``perm`` must be on it or on the CPU.
 
     Raises:
         TypeError: ``perm`` is not an int64 or int32 tensor.
-        ValueError: ``perm`` does not have shape (B,).
+        ValueError: ``perm`` does not have shape (B,), is on another device, or holds an index
+            out of range.
     """
     if not isinstance(perm, torch.Tensor):
         raise TypeError(f'perm must be a tensor of sample indices; got {type(perm).__name__}')
@@ -185,6 +198,33 @@ def check_perm(perm: torch.Tensor, batch_size: int) -> None:
         raise ValueError(
             f'perm must have shape ({batch_size},), one donor index per sample of the batch; '
             f'got shape {tuple(perm.shape)}')
+    if device is not None and perm.device != device and perm.device.type != 'cpu':
+        where = device if device.type == 'cpu' else f'{device} or the CPU'
+        raise ValueError(f'perm is on {perm.device}, the features on {device}: put perm on {where}')
+    if (perm.device.type == 'cpu' and batch_size and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(perm)):
+        bad = (perm < -batch_size) | (perm >= batch_size)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f'perm[{i}] = {int(perm[i])} is not a sample of the batch of {batch_size}: donor '
+                             f'indices must be in 0..{batch_size - 1} (or -{batch_size}..-1, from the end)')
+
+
+def check_eps(eps: float) -> float:
+    """The eps added to a variance inside a square root: a finite number >= 0 (booleans refused).
+
+    Args:
+        eps: The value given.
+
+    Returns:
+        ``eps`` as a float.
+
+    Raises:
+        ValueError: ``eps`` is negative, not finite or not a number (a NaN output otherwise).
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f'eps must be a finite number >= 0 (it is added to the variance); got {eps!r}')
+    return float(eps)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -230,6 +270,10 @@ def replace_moments(
         raise ValueError(f'kind must be one of {_KINDS}; got {kind!r}')
     stat_dtype = torch.promote_types(x.dtype, torch.float32)
     shape = _stat_shape(xg, dims)
+    if kind in ('exchange', 'mix'):
+        # donors counted from the end (-1 is sample B-1) as indexing counts them; the backward's index_add_ does not
+        perm = params[0].remainder(xg.shape[0]) if xg.shape[0] else params[0]
+        params = (perm, *params[1:])
     if kind == 'mix':
         perm, weight = params
         params = (perm, weight.to(xg.device, stat_dtype).reshape([-1] + [1] * (xg.dim() - 1)))
@@ -298,7 +342,7 @@ class _ReplaceMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xg: torch.Tensor, dims: Tuple[int, ...], eps: float, kind: str, norm_grad: bool,
                 moment_grad: bool, *params: torch.Tensor):
-        with torch.autocast(xg.device.type, enabled=False):
+        with autocast_off(xg.device.type):
             var, mean = torch.var_mean(xg.to(torch.promote_types(xg.dtype, torch.float32)), dim=dims, correction=1,
                                        keepdim=True)
             std = (var + eps).sqrt()
@@ -316,7 +360,7 @@ class _ReplaceMoments(torch.autograd.Function):
         xg, mean, std, *params = ctx.saved_tensors
         dims, count, kind, eps = ctx.dims, ctx.count, ctx.kind, ctx.eps
         nones = (None,) * (5 + len(params))
-        with torch.autocast(xg.device.type, enabled=False):
+        with autocast_off(xg.device.type):
             new_std = _new_moments(kind, mean, std, params, eps)[1]
             if not (ctx.norm_grad or ctx.moment_grad):
                 return (torch.mul(grad, new_std / std, out=torch.empty_like(xg)),) + nones
@@ -361,7 +405,8 @@ def mix_moments(
     Args:
         x: Features with the batch first: (B, C, H, W) (contiguous or channels_last),
             (B, H, W, C) or tokens (B, N, C) with ``channel_dim=-1``, or any (B, C, ...).
-        perm: Integer tensor of shape (B,); ``perm[i]`` is the sample whose moments are mixed in.
+        perm: Integer tensor of shape (B,) on x's device or the CPU; ``perm[i]`` is the sample
+            whose moments are mixed in.
         weight: Floating tensor of shape (B,): ``w`` of each sample (MixStyle draws it from
             Beta(alpha, alpha)).
         norm: Which moments (``MOEX_NORMS``); 'in' (per channel over positions) is MixStyle's.
@@ -375,7 +420,8 @@ def mix_moments(
         A tensor of x's shape, dtype and memory format.
     """
     xg, dims, _ = moment_view(x, norm, channel_dim, 'mix_moments')
-    check_perm(perm, x.shape[0])
+    check_perm(perm, x.shape[0], x.device)
+    check_eps(eps)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.shape != (x.shape[0],):
         raise ValueError(
             f'weight must be a floating tensor of shape ({x.shape[0]},), one per sample; got {weight!r:.80}')
@@ -423,6 +469,7 @@ def perturb_moments(
             does not hold B * K elements.
     """
     xg, dims, _ = moment_view(x, norm, channel_dim, 'perturb_moments')
+    check_eps(eps)
     if x.shape[0] < 2:
         raise ValueError(f'perturb_moments needs a batch of at least 2 samples (the spread of a statistic over the '
                          f'batch); got shape {tuple(x.shape)}')

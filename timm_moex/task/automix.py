@@ -56,10 +56,11 @@ from timm.task import ClassificationTask
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..hooks.moex import MoExHook, get_moex_hook
-from ..loss.moex import MoExLoss
+from ..loss.moex import interpolated_loss
+from ..utils.amp import autocast_off
 from ..utils.checks import check_beta_alpha, check_choice, check_unit_interval
 from ..utils.model import unwrap_model
-from .moex_mixing import PAIRINGS, MoExMixing, draw_pairing, resolve_moex_argument
+from .moex_mixing import PAIRINGS, MoExMixing, check_moex_argument, draw_pairing
 
 __all__ = ['AutoMix', 'AutoMixTask', 'MixBlock', 'mask_area_loss', 'mix_images', 'resolve_feature_layer',
            'parse_feature_layer', 'cosine_ramp', 'LAM_EMBEDS', 'UPSAMPLE_MODES']
@@ -176,7 +177,7 @@ class MixBlock(nn.Module):
         k = self.query(z_b).flatten(2).float()  # (B, C', N): positions of its partner
         v = self.value(z_b).flatten(2).float()  # (B, 1, N): the partner's values
         # float32 from here on, autocast or not: the N x N logits overflow in fp16 with large features
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             attn = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(self.inner_chs), dim=-1)  # (B, N_i, N_partner)
             logits = (attn @ v.transpose(1, 2)).view(b, 1, h, w)  # the partner's weight, before the sigmoid
             if (h, w) != tuple(size):
@@ -514,14 +515,10 @@ class AutoMixTask(ClassificationTask):
             code (single process only: DDP needs one forward per backward).
         criterion, criterion_kwargs, device, dtype, verbose: as ``timm.task.ClassificationTask``
             (targets are class indices).
-        hook, moex_prob, moex_lam: Deprecated spelling of ``moex=MoExMixing(hook,
-            prob=moex_prob, lam=moex_lam, pairing=pairing)``, with the old defaults
-            ``moex_prob=0.25`` and ``moex_lam=0.5``; a ``DeprecationWarning`` says so, and giving
-            them together with ``moex`` is a ValueError.
 
     Raises:
-        ValueError: An argument is out of range, or ``moex`` is given both ways.
-        TypeError: ``automix``, ``moex`` or ``hook`` is of the wrong type.
+        ValueError: An argument is out of range, or ``moex`` pairs the samples otherwise than ``pairing``.
+        TypeError: ``automix`` or ``moex`` is of the wrong type.
     """
 
     def __init__(
@@ -542,10 +539,6 @@ class AutoMixTask(ClassificationTask):
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
-            *,
-            hook: Optional[MoExHook] = None,
-            moex_prob: Optional[float] = None,
-            moex_lam: Optional[float] = None,
     ):
         alpha = check_beta_alpha(alpha, paper_value=2)
         lam_margin = check_unit_interval('lam_margin', lam_margin)
@@ -556,8 +549,7 @@ class AutoMixTask(ClassificationTask):
                 raise ValueError(f'{name} must be a finite number >= 0; got {value!r}')
         area_margin = check_unit_interval('area_margin', area_margin)
         check_choice('pairing', pairing, PAIRINGS)
-        moex = resolve_moex_argument(type(self).__name__, moex, hook, moex_prob, moex_lam, legacy_lam=0.5,
-                                     pairing=pairing)
+        moex = check_moex_argument(type(self).__name__, moex, pairing)
         if automix is None:
             automix = AutoMix(model)
         elif not isinstance(unwrap_model(automix), AutoMix):
@@ -574,7 +566,6 @@ class AutoMixTask(ClassificationTask):
         self.pairing = pairing
         self.moex = moex
         self.two_forwards = bool(two_forwards)
-        self.mixup_loss = MoExLoss(self.criterion)  # lam * l(y) + (1 - lam) * l(y[perm])
         if self.verbose:
             with_moex = f', {moex}' if moex is not None else ''
             _logger.info(f'{type(self).__name__}: alpha={self.alpha}, feature layer '
@@ -584,6 +575,10 @@ class AutoMixTask(ClassificationTask):
     def hook(self) -> Optional[MoExHook]:
         """The model's MoEx hook, or None without MoEx."""
         return self.moex.hook if self.moex is not None else None
+
+    def mixup_loss(self, output: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, lam: float) -> torch.Tensor:
+        """``lam * loss(output, target) + (1 - lam) * loss(output, target[perm])``; lam comes from Beta, in [0, 1]."""
+        return interpolated_loss(self.criterion, output, target, perm, lam)
 
     def _area_weight(self, automix: AutoMix) -> float:
         if not self.area_decay:

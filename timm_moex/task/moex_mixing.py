@@ -1,6 +1,6 @@
 """How a training task moment-exchanges a batch: the coin, the pairing, arming the hook and the loss."""
-import warnings
-from typing import Callable, Optional
+from types import MappingProxyType
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -9,7 +9,23 @@ from ..loss.moex import interpolated_loss
 from ..utils.checks import check_choice, check_unit_interval
 from ..utils.random import coin
 
-__all__ = ['MoExMixing', 'PAIRINGS', 'draw_pairing', 'resolve_moex_argument']
+__all__ = ['MoExMixing', 'MOEX_RECIPES', 'PAIRINGS', 'draw_pairing', 'check_moex_argument']
+
+MOEX_RECIPES: Mapping[str, Mapping[str, float]] = MappingProxyType({
+    'cifar': MappingProxyType(dict(prob=0.25, lam=0.5)),
+    'imagenet': MappingProxyType(dict(prob=1.0, lam=0.9)),
+    'imagenet_cutmix': MappingProxyType(dict(prob=0.25, lam=0.9)),
+})
+"""The paper's MoEx settings (Li et al., CVPR 2021, and the authors' released code), by recipe.
+
+- 'cifar': PyramidNet-200 on CIFAR-100: a quarter of the batches, lam 0.5.
+  The default of :class:`MoExMixing` and of ``moex-train`` (``TrainConfig``), whose runs are CIFAR-sized.
+- 'imagenet': ResNet-50 and DenseNet-265 on ImageNet: every batch, lam 0.9. The default of
+  ``moex-timm-train``, which runs timm's ImageNet training script.
+- 'imagenet_cutmix': CutMix + MoEx on ImageNet: a quarter of the batches, lam 0.9.
+
+Each entry holds MoExMixing's ``prob`` and ``lam``: ``MoExMixing(hook, **MOEX_RECIPES['imagenet'])``.
+"""
 
 PAIRINGS = ('random', 'flip')
 """Who gives sample i its moments: a random permutation, or sample B-1-i."""
@@ -34,10 +50,11 @@ def draw_pairing(pairing: str, batch_size: int, device: torch.device) -> torch.T
 class MoExMixing:
     """MoEx in a training task: when a batch is moment-exchanged, along which pairing, and its loss.
 
-    Defaults are the paper's CIFAR recipe (prob 0.25, lam 0.5, random pairing); its ImageNet
-    recipe is prob 1.0, lam 0.9. Per training batch a task calls :meth:`draw_perm` (or
-    :meth:`fires` when it pairs the samples itself), then :meth:`arm` before the forward and
-    :meth:`loss` after it.
+    Defaults are the paper's CIFAR recipe (``MOEX_RECIPES['cifar']``: prob 0.25, lam 0.5, random
+    pairing); its ImageNet recipe is ``MoExMixing(hook, **MOEX_RECIPES['imagenet'])`` (prob 1.0,
+    lam 0.9). The arguments are checked here, once; the per-batch methods trust them. Per training
+    batch a task calls :meth:`draw_perm` (or :meth:`fires` when it pairs the samples itself), then
+    :meth:`arm` before the forward and :meth:`loss` after it.
 
     Args:
         hook: The model's MoEx hook (``get_moex_hook(model)``, ``attach_moex(model)``).
@@ -53,13 +70,20 @@ class MoExMixing:
         ValueError: ``prob`` or ``lam`` is outside [0, 1], or ``pairing`` is unknown.
     """
 
-    def __init__(self, hook: MoExHook, prob: float = 0.25, lam: float = 0.5, pairing: str = 'random'):
+    def __init__(
+            self,
+            hook: MoExHook,
+            prob: float = MOEX_RECIPES['cifar']['prob'],
+            lam: float = MOEX_RECIPES['cifar']['lam'],
+            pairing: str = 'random',
+    ):
         prob = check_unit_interval('prob', prob)
         lam = check_unit_interval('lam', lam)
         check_choice('pairing', pairing, PAIRINGS)
         if not isinstance(hook, MoExHook):
             raise TypeError(f'hook must be a timm_moex MoExHook (see get_moex_hook); got {type(hook).__name__}')
         self.hook = hook
+        hook.warn_unarmed = False  # this arms it, or leaves it unarmed on purpose (prob 0)
         self.prob = prob
         self.lam = lam
         self.pairing = pairing
@@ -118,56 +142,29 @@ class MoExMixing:
         return interpolated_loss(criterion, output, target, perm, self.lam)
 
 
-def resolve_moex_argument(
-        task: str,
-        moex: Optional[MoExMixing],
-        hook: Optional[MoExHook] = None,
-        moex_prob: Optional[float] = None,
-        moex_lam: Optional[float] = None,
-        legacy_lam: float = 0.5,
-        pairing: str = 'random',
-) -> Optional[MoExMixing]:
-    """A mixing task's ``moex=`` argument, or the one its deprecated ``hook=``, ``moex_prob=``, ``moex_lam=`` spell.
 
-    The task draws one pairing for its own mixing and MoEx shares it. The deprecated
-    arguments keep their old meaning: no MoEx without ``hook``, ``moex_prob`` 0.25 and
-    ``moex_lam`` ``legacy_lam`` when not given; they are checked even without ``hook``, and
-    using any of them warns.
+def check_moex_argument(task: str, moex: Optional[MoExMixing], pairing: str) -> Optional[MoExMixing]:
+    """A mixing task's ``moex=`` argument: None (no MoEx), or a :class:`MoExMixing` along the task's pairing.
+
+    The task draws one pairing for its own mixing and MoEx shares it.
 
     Args:
-        task: The task's class name, for the messages.
+        task: The task's class name, for the message.
         moex: The ``moex=`` argument.
-        hook, moex_prob, moex_lam: The deprecated arguments; None where not given.
-        legacy_lam: The task's old default of ``moex_lam``.
         pairing: The task's pairing; ``moex.pairing`` must be the same.
 
     Returns:
-        The task's MoEx, or None for no MoEx.
+        ``moex``, unchanged.
 
     Raises:
-        ValueError: ``moex`` is given together with a deprecated argument, a deprecated
-            argument is out of range, or ``moex.pairing`` is not ``pairing``.
-        TypeError: ``moex`` is not a :class:`MoExMixing`, or ``hook`` not a ``MoExHook``.
+        TypeError: ``moex`` is not a :class:`MoExMixing` or None.
+        ValueError: ``moex.pairing`` is not ``pairing``.
     """
-    legacy = [name for name, value in (('hook', hook), ('moex_prob', moex_prob), ('moex_lam', moex_lam))
-              if value is not None]
-    if not legacy:
-        if moex is not None and not isinstance(moex, MoExMixing):
-            raise TypeError(f'moex must be a timm_moex MoExMixing or None; got {type(moex).__name__}')
-        if moex is not None and moex.pairing != pairing:
-            raise ValueError(f'{task} pairs the samples {pairing!r} for its mixing and MoEx alike; got '
-                             f'moex=MoExMixing(..., pairing={moex.pairing!r}): make it {pairing!r}')
-        return moex
-    if moex is not None:
-        raise ValueError(f'{task} got moex= and {", ".join(n + "=" for n in legacy)}; pass moex= alone '
-                         '(hook=, moex_prob= and moex_lam= are its deprecated spelling)')
-    prob = check_unit_interval('moex_prob', 0.25 if moex_prob is None else moex_prob)
-    lam = check_unit_interval('moex_lam', legacy_lam if moex_lam is None else moex_lam)
-    pairing_arg = f', pairing={pairing!r}' if pairing != 'random' else ''
-    replacement = 'moex=None (the default)'
-    if hook is not None:
-        replacement = f'moex=MoExMixing(hook, prob={prob:g}, lam={lam:g}{pairing_arg})'
-    # stacklevel 3: the line that built the task
-    warnings.warn(f'{task}: hook=, moex_prob= and moex_lam= are deprecated and will be removed in the next '
-                  f'release; pass {replacement} instead (timm_moex.MoExMixing)', DeprecationWarning, stacklevel=3)
-    return MoExMixing(hook, prob=prob, lam=lam, pairing=pairing) if hook is not None else None
+    if moex is None:
+        return None
+    if not isinstance(moex, MoExMixing):
+        raise TypeError(f'moex must be a timm_moex MoExMixing or None; got {type(moex).__name__}')
+    if moex.pairing != pairing:
+        raise ValueError(f'{task} pairs the samples {pairing!r} for its mixing and MoEx alike; got '
+                         f'moex=MoExMixing(..., pairing={moex.pairing!r}): make it {pairing!r}')
+    return moex

@@ -30,10 +30,10 @@ from timm.layers import ClassifierHead, SelectAdaptivePool2d
 from timm.task import ClassificationTask
 
 from ..hooks.moex import MoExHook
-from ..utils.checks import check_beta_alpha, check_choice, check_unit_interval
+from ..utils.checks import check_beta_alpha, check_choice, check_class_indices, check_unit_interval
 from ..utils.model import unwrap_model
 from ..utils.random import coin
-from .moex_mixing import MoExMixing, resolve_moex_argument
+from .moex_mixing import MoExMixing, check_moex_argument
 
 __all__ = ['SnapMixTask', 'Box', 'random_box', 'snapmix_boxes', 'class_activation_maps', 'normalize_cams',
            'snapmix_weights', 'snapmix_paste', 'snapmix_moex_weights', 'same_label_weights', 'cam_classifier',
@@ -131,6 +131,7 @@ def class_activation_maps(
     if target.is_floating_point():
         class_weight = target.to(dtype) @ weight
     else:
+        check_class_indices(target, weight.shape[0], 'the classifier')
         class_weight = weight[target]
     cams = torch.einsum('bchw,bc->bhw', features.to(dtype), class_weight)
     if size is not None and tuple(cams.shape[-2:]) != tuple(size):
@@ -305,8 +306,9 @@ class SnapMixTask(ClassificationTask):
     per-sample criterion values (:func:`per_sample_loss`): the criterion must average over the
     batch, as timm's do.
 
-    With ``moex`` (a :class:`~timm_moex.MoExMixing` of the model's hook, e.g.
-    ``MoExMixing(get_moex_hook(model), prob=0.25, lam=0.9)``; below ``moex_lam`` is its
+    With ``moex`` (a :class:`~timm_moex.MoExMixing` of the model's hook, e.g. the paper's CutMix +
+    MoEx recipe ``MoExMixing(get_moex_hook(model), **MOEX_RECIPES['imagenet_cutmix'])``, prob 0.25
+    and lam 0.9; below ``moex_lam`` is its
     ``lam``), MoEx fires per batch with probability ``moex.prob``, independently of SnapMix;
     both pair the samples at random, and when both fire they use the SAME ``perm``. The label
     weights are then those of :func:`snapmix_moex_weights`:
@@ -344,22 +346,19 @@ class SnapMixTask(ClassificationTask):
         alpha: Beta(alpha, alpha) of each box's lam (the paper's 5).
         prob: Probability that a batch is SnapMixed (decided per batch and process).
         moex: MoEx in the same step (its pairing must be 'random'), or None for SnapMix alone.
-            ``MoExMixing``'s default lam is 0.5; the paper's CutMix + MoEx recipe uses 0.9.
+            ``MoExMixing``'s defaults are the paper's CIFAR recipe (lam 0.5); its CutMix + MoEx
+            recipe uses lam 0.9 (``MOEX_RECIPES``).
         same_label: 'add' or 'double' (SnapMix's code): the weights of a pair with equal labels.
         cam_relu: ReLU on the features before the CAMs (SnapMix's code; see
             :func:`class_activation_maps`).
         criterion, criterion_kwargs, device, dtype, verbose: as ``timm.task.ClassificationTask``.
             Targets are class indices or soft targets (``timm.data.Mixup``); soft targets are
             permuted row-wise and weight the classes' CAMs.
-        hook, moex_prob, moex_lam: Deprecated spelling of ``moex=MoExMixing(hook,
-            prob=moex_prob, lam=moex_lam)``, with the old defaults ``moex_prob=0.25`` and
-            ``moex_lam=0.9`` (not ``MoExMixing``'s 0.5); a ``DeprecationWarning`` says so, and
-            giving them together with ``moex`` is a ValueError.
 
     Raises:
         ValueError: An argument is out of range, the model's head gives no class activation
-            maps, or ``moex`` is given both ways.
-        TypeError: ``moex`` or ``hook`` is of the wrong type.
+            maps, or ``moex`` pairs the samples otherwise than at random.
+        TypeError: ``moex`` is not a ``MoExMixing``.
     """
 
     def __init__(
@@ -375,14 +374,10 @@ class SnapMixTask(ClassificationTask):
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
-            *,
-            hook: Optional[MoExHook] = None,
-            moex_prob: Optional[float] = None,
-            moex_lam: Optional[float] = None,
     ):
         alpha = check_beta_alpha(alpha, paper_value=5)
         prob = check_unit_interval('prob', prob)
-        moex = resolve_moex_argument(type(self).__name__, moex, hook, moex_prob, moex_lam, legacy_lam=0.9)
+        moex = check_moex_argument(type(self).__name__, moex, 'random')
         check_choice('same_label', same_label, SAME_LABEL_MODES)
         cam_classifier(model)
         super().__init__(model, criterion=criterion, criterion_kwargs=criterion_kwargs,

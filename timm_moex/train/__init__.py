@@ -4,8 +4,9 @@ Its modules build on the library (``timm_moex``) and never the reverse, in this 
 ``errors``, ``files`` and ``corruptions`` (no imports of the package), ``config`` (the typed
 configuration), ``images`` < ``device_data`` < ``data`` (datasets and loaders), ``validate`` (a
 configuration checked against the environment: :func:`load_config`), then ``checkpoint``,
-``metrics``, ``robustness`` (errors on corrupted copies of the eval set), ``model_folder`` and
-``timm_train`` (timm's own ``train.py`` with MoEx).
+``metrics``, ``robustness`` (errors on corrupted copies of the eval set), ``model_folder``, ``builders`` (the
+model and task a run trains), ``run_folder`` (lock, resume, divergence advice, Hub push) and ``timm_train``
+(timm's own ``train.py`` with MoEx).
 """
 from .config import RESUME_MAY_CHANGE, TrainConfig, check_values, config_help, parse_config, read_run_config, \
     recipe_names, resolve_config_file, resolve_output_dir, resume_differences, save_config

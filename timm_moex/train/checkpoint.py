@@ -40,7 +40,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, RunError, RunFolderBusy
+from .errors import CheckpointError, ResumeMismatch, RunFolderBusy
+from .files import atomic_path, atomic_write_text
 
 __all__ = ['TrainState', 'CheckpointManager', 'RunLock', 'LOCK_FILE', 'RESUME_RECORD', 'append_resume_record',
            'read_resume_records', 'list_checkpoints', 'find_latest_checkpoint', 'export_weights',
@@ -154,7 +155,12 @@ def _read_pid(fd: int) -> Optional[int]:
 
 
 def append_resume_record(output_dir: os.PathLike, record: Dict[str, Any]) -> None:
-    """Append one JSON line, stamped with the UTC time, to the run folder's resume record."""
+    """Append one JSON line, stamped with the UTC time, to the run folder's resume record.
+
+    Args:
+        output_dir: The run folder, which must exist.
+        record: The JSON-serializable fields of the line, written after ``time``.
+    """
     record = dict(time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), **record)
     with open(Path(output_dir) / RESUME_RECORD, 'a') as f:
         f.write(json.dumps(record) + '\n')
@@ -163,7 +169,14 @@ def append_resume_record(output_dir: os.PathLike, record: Dict[str, Any]) -> Non
 
 
 def read_resume_records(output_dir: os.PathLike) -> List[Dict[str, Any]]:
-    """The run folder's resume records, oldest first ([] when it was never resumed)."""
+    """The run folder's resume records, oldest first; a line cut by a crash is skipped.
+
+    Args:
+        output_dir: The run folder.
+
+    Returns:
+        One dict per record; [] when the run was never resumed.
+    """
     path = Path(output_dir) / RESUME_RECORD
     if not path.exists():
         return []
@@ -180,6 +193,10 @@ class TrainState:
     """The loop's counters and the timm scheduler, saved with the checkpoint.
 
     timm schedulers are not torch LR schedulers, so Accelerate does not save them by itself.
+
+    Args:
+        scheduler: The run's timm scheduler, whose state is saved (for reference: loading does not
+            restore it); None saves none.
     """
 
     def __init__(self, scheduler=None):
@@ -191,7 +208,16 @@ class TrainState:
         self.last_metrics: Dict[str, float] = {}
 
     def update_best(self, epoch: int, metrics: Dict[str, float], key: str = 'top1_err') -> bool:
-        """Record an epoch's eval metrics (lower ``key`` is better); True when it is a new best."""
+        """Record an epoch's eval metrics (lower ``key`` is better).
+
+        Args:
+            epoch: The epoch evaluated.
+            metrics: Its eval metrics; they become ``last_metrics``.
+            key: The metric compared, lower being better.
+
+        Returns:
+            True when it is a new best (always for the first epoch recorded).
+        """
         self.last_metrics = dict(metrics)
         if self.best_epoch is None or metrics[key] < self.best_metrics[key]:
             self.best_epoch, self.best_metrics = epoch, dict(metrics)
@@ -212,7 +238,14 @@ class TrainState:
 
 
 def list_checkpoints(output_dir: os.PathLike) -> List[Path]:
-    """Complete ``checkpoint-<epoch>`` folders, oldest first."""
+    """The ``checkpoint-<epoch>`` folders of a run, oldest first (not the ``.tmp`` folders of unfinished saves).
+
+    Args:
+        output_dir: The run folder.
+
+    Returns:
+        The folders, by epoch; [] when the run folder does not exist.
+    """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
@@ -221,12 +254,29 @@ def list_checkpoints(output_dir: os.PathLike) -> List[Path]:
 
 
 def find_latest_checkpoint(output_dir: os.PathLike) -> Optional[Path]:
+    """The last of :func:`list_checkpoints`.
+
+    Args:
+        output_dir: The run folder.
+
+    Returns:
+        The ``checkpoint-<epoch>`` folder of the highest epoch, or None when there is none.
+    """
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
 
 
 class CheckpointManager:
-    """Save / resume a run's ``checkpoint-<epoch>`` folders in ``output_dir``."""
+    """Save / resume a run's ``checkpoint-<epoch>`` folders in ``output_dir``; every process makes one.
+
+    Args:
+        accelerator: The run's Accelerator; ``state`` is registered with it for checkpointing.
+        output_dir: The run folder.
+        state: The loop's counters, saved and restored with each checkpoint.
+        keep: How many of the latest checkpoints are kept after a save (0 keeps them all).
+        model_ema: The timm EMA wrapper, whose ``module`` is saved as ``model_ema.safetensors``; None
+            without EMA.
+    """
 
     def __init__(self, accelerator, output_dir: os.PathLike, state: TrainState, keep: int = 2,
                  model_ema: Optional[nn.Module] = None):
@@ -238,6 +288,14 @@ class CheckpointManager:
         accelerator.register_for_checkpointing(state)
 
     def save(self, epoch: int) -> Path:
+        """Save the run as ``checkpoint-<epoch>`` atomically, then keep only the last ``keep``; every process calls it.
+
+        Args:
+            epoch: The epoch just completed; an existing folder of that epoch is replaced.
+
+        Returns:
+            The checkpoint folder.
+        """
         acc = self.accelerator
         final = self.output_dir / f'checkpoint-{epoch}'
         tmp = self.output_dir / f'.checkpoint-{epoch}.tmp'
@@ -267,9 +325,16 @@ class CheckpointManager:
         With 'auto', a damaged checkpoint (empty, truncated or missing files) is skipped, with a warning, for
         the one before it. ``resumed_from`` is then the folder loaded (None when nothing was).
 
+        Args:
+            resume: '' (start fresh), 'auto' or a ``checkpoint-<epoch>`` folder.
+
+        Returns:
+            The epoch to train next: 1 when nothing was loaded.
+
         Raises:
             CheckpointError: the checkpoint cannot be read or does not fit the model (another model or class
                 count), or every checkpoint is damaged.
+            ResumeMismatch: the run has EMA and the checkpoint was saved without it.
         """
         if self.accelerator.is_main_process:  # leftovers of a crash while saving
             for leftover in self.output_dir.glob('.checkpoint-*'):
@@ -286,7 +351,7 @@ class CheckpointManager:
                         raise
                     raise EOFError(_first_line(e)) from e
             except _DAMAGE as e:
-                reason = f'{type(e).__name__}: {_first_line(e)}'
+                reason = _describe(e)
                 if i + 1 < len(candidates):
                     warnings.warn(f'{path} is damaged ({reason}); resuming from {candidates[i + 1]} instead')
                     continue
@@ -311,7 +376,7 @@ class CheckpointManager:
         if self.model_ema is not None:
             ema_file = path / EMA_WEIGHTS
             if not ema_file.exists():
-                raise RunError('the checkpoint was saved without model_ema', str(ema_file),
+                raise ResumeMismatch('the checkpoint was saved without model_ema', str(ema_file),
                                'resume with --model-ema false, as the run was trained')
             self.model_ema.module.load_state_dict(load_file(str(ema_file), device=str(self.accelerator.device)))
 
@@ -337,11 +402,13 @@ def export_weights(model: nn.Module, path: os.PathLike) -> None:
 
     The MoEx hook adds no keys, so the file loads into ``timm.create_model(name)``, e.g. with
     ``pretrained=True, pretrained_cfg_overlay=dict(file=path)``.
+
+    Args:
+        model: The plain model (no Accelerate / DDP / compile wrapper).
+        path: The file to write or replace.
     """
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    save_file(_plain_state(model), str(tmp), metadata={'format': 'pt'})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(_plain_state(model), str(tmp), metadata={'format': 'pt'})
 
 
 def load_weights(model: nn.Module, path: os.PathLike, key: str = 'checkpoint') -> str:
@@ -374,8 +441,17 @@ def load_initial_weights(model: nn.Module, path: os.PathLike, key: str = 'initia
     The classifier is the module named by ``model.pretrained_cfg['classifier']`` (timm's field; else
     the module ``model.get_classifier()`` returns).
 
+    Args:
+        model: The model (plain, no wrapper).
+        path: A weights file or a folder holding one (see :func:`read_weights`).
+        key: The setting that named ``path``, for the messages.
+
     Returns:
         What was loaded and what was dropped, one line.
+
+    Raises:
+        CheckpointError: The file cannot be read, holds tensors the model lacks, or tensors outside
+            the classifier are missing or differently shaped.
     """
     state, where = read_weights(path, key=key)
     heads = _classifier_prefixes(model)
@@ -438,13 +514,9 @@ def read_weights(path: os.PathLike, key: str = 'checkpoint') -> Tuple[Dict[str, 
         else:
             with torch.serialization.safe_globals([argparse.Namespace]):  # timm's train.py saves its args
                 obj = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f'{key}: the file holds Python objects that weights_only=True refuses '
-                              f'({_first_line(e)})', path,
-                              'load it in a trusted session and re-save its state dict with torch.save') from None
     except Exception as e:  # noqa: BLE001  torch and safetensors raise many types for a foreign or truncated file
-        raise CheckpointError(f'{key}: cannot read the file as weights ({type(e).__name__}: {_first_line(e)})',
-                              path, todo) from None
+        what, advice = _unreadable(path, head, e)
+        raise CheckpointError(f'{key}: cannot read the file as weights: {what}', path, advice or todo) from None
     where = ''
     if isinstance(obj, dict) and not _is_state_dict(obj):
         found = next((k for k in _STATE_KEYS if isinstance(obj.get(k), dict)), None)
@@ -469,6 +541,37 @@ def _is_state_dict(obj: dict) -> bool:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: first line``, or the type alone when the error has no message (an empty file's EOFError)."""
+    text = str(e).strip().splitlines()
+    return f'{type(e).__name__}: {text[0][:200]}' if text else type(e).__name__
+
+
+_TORCH_LEGACY = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'  # torch.save's legacy format: its pickled magic number
+_REFUSED_GLOBAL = re.compile(r'Unsupported global: GLOBAL (\S+)')
+
+
+def _unreadable(path: Path, head: bytes, e: BaseException) -> Tuple[str, Optional[str]]:
+    """(what is wrong, what to do or None for the usual advice) for a file torch.load or safetensors refused,
+    told from its first bytes rather than from the loaders' messages (which run to paragraphs)."""
+    again = 'copy or download the file again'
+    if not head:
+        return 'the file is empty', again
+    refused = _REFUSED_GLOBAL.search(str(e))
+    if refused:
+        return (f'the file holds Python objects that weights_only=True refuses ({refused.group(1)})',
+                'load it in a trusted session and re-save its state dict with torch.save')
+    if len(head) == 9 and head[8:9] == b'{':
+        return f'a truncated or damaged safetensors file ({_describe(e)})', again
+    if head.startswith(b'PK\x03\x04'):  # torch.save's zip archive
+        if not zipfile.is_zipfile(path):
+            return 'a truncated or damaged archive (its end, the zip directory, is missing)', again
+        return f'a zip archive that torch.load cannot read ({_describe(e)}): damaged, or not written by torch.save', None
+    if head.startswith(_TORCH_LEGACY[:len(head)]):
+        return f'a truncated or damaged torch.save file ({_describe(e)})', again
+    return 'not a PyTorch checkpoint (torch.save) nor a safetensors file', None
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -516,7 +619,12 @@ def _strip_wrappers(key: str) -> str:
 
 
 def truncate_summary(path: os.PathLike, last_epoch: int) -> None:
-    """Keep only the rows of epochs <= ``last_epoch`` in summary.csv (after a resume), atomically."""
+    """Keep only the rows of epochs <= ``last_epoch`` in summary.csv (after a resume), atomically.
+
+    Args:
+        path: The summary.csv; nothing happens when it does not exist.
+        last_epoch: The last epoch whose row is kept.
+    """
     import csv
     import io
     path = Path(path)
@@ -533,6 +641,4 @@ def truncate_summary(path: os.PathLike, last_epoch: int) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
     writer.writeheader()
     writer.writerows(kept)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())

@@ -29,6 +29,7 @@ import yaml
 from ..hooks.style import MIXSTYLE_MIXES
 from ..loss.bitempered import BiTemperedLogisticLoss
 from ..ops.moex import MOEX_IMPLS
+from ..task.moex_mixing import MOEX_RECIPES
 from .corruptions import SEVERITIES, parse_corruptions
 from .errors import ConfigError
 from .files import atomic_write_text
@@ -46,6 +47,7 @@ LOADERS = ('auto', 'workers', 'device')
 LOSSES = ('ce', 'bi_tempered')
 MIX_METHODS = ('none', 'automix')
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+COMPILE_BACKENDS = ('inductor', 'cudagraphs', 'eager')
 
 
 def _f(default, doc: str, choices: Optional[Sequence] = None):
@@ -131,8 +133,11 @@ class TrainConfig:
 
     # --- MoEx ---
     moex: bool = _f(False, 'Moment Exchange on (MoExClassificationTask)')
-    moex_lam: float = _f(0.5, 'weight of the sample\'s own label (paper: 0.5 CIFAR, 0.9 ImageNet)')
-    moex_prob: float = _f(0.25, 'probability that a batch is moment-exchanged (paper: 0.25 CIFAR, 1.0 ImageNet)')
+    # The paper's CIFAR recipe (timm_moex.MOEX_RECIPES), as the defaults here are a CIFAR-size run.
+    moex_lam: float = _f(MOEX_RECIPES['cifar']['lam'], 'weight of the sample\'s own label (paper: 0.5 CIFAR, 0.9 '
+                                                       'ImageNet)')
+    moex_prob: float = _f(MOEX_RECIPES['cifar']['prob'], 'probability that a batch is moment-exchanged (paper: 0.25 '
+                                                         'CIFAR, 1.0 ImageNet)')
     moex_layer: str = _f('stem', "module whose output is exchanged: 'stem' or a dotted module name")
     moex_norm: str = _f('pono', 'normalization of the moments: pono, in, ln, gnG, gn-dD, gponoG')
     moex_eps: float = _f(1e-5, 'epsilon added to the variance')
@@ -165,6 +170,11 @@ class TrainConfig:
     compile_mode: str = _f('default', "torch.compile mode: 'reduce-overhead' adds CUDA graphs, for models that are "
                                       "bound by kernel launches (small batches, deep thin nets such as PyramidNet)",
                            COMPILE_MODES)
+    compile_backend: str = _f('inductor', "torch.compile backend: 'inductor' generates fused kernels (minutes to "
+                                          "compile a deep net whose blocks all differ, such as PyramidNet-200); "
+                                          "'cudagraphs' replays dynamo's graph as CUDA graphs without generating "
+                                          "code (seconds to compile; removes the launch overhead; CUDA only); "
+                                          "'eager' runs the traced graph as it is (debugging)", COMPILE_BACKENDS)
     sync_bn: bool = _f(False, 'convert BatchNorm to SyncBatchNorm (multi-process runs)')
 
     # --- optimization ---
@@ -219,7 +229,8 @@ class TrainConfig:
     push_to_hub: str = _f('', 'at the end, publish the run folder (config.json, model.safetensors, a model card) '
                               'to this Hugging Face Hub repository, owner/name; needs a token (hf auth login)')
     debug: bool = _f(False, 'show the Python traceback of an error instead of its one-line message '
-                            '(also TIMM_MOEX_DEBUG=1)')
+                            '(also TIMM_MOEX_DEBUG=1, which shows it for an error in the YAML or the command line '
+                            'too)')
 
     # Set by load_config: the YAML file the run came from (not a setting).
     config_file: Optional[str] = field(default=None, repr=False, metadata=dict(doc='the YAML file read', internal=True))
@@ -266,7 +277,8 @@ def _check_type(key: str, value: Any, tp) -> Any:
         try:
             return _check_type(key, value, inner)
         except ConfigError:
-            raise ConfigError(f'{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})') from None
+            raise ConfigError(f'{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})'
+                              f'{_list_hint(inner, value)}') from None
     ok = False
     if tp is bool:
         ok = isinstance(value, bool)
@@ -285,8 +297,17 @@ def _check_type(key: str, value: Any, tp) -> Any:
     elif origin in (dict, Dict):
         ok = isinstance(value, dict)
     if not ok:
-        raise ConfigError(f'{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})')
+        raise ConfigError(f'{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})'
+                          f'{_list_hint(tp, value)}')
     return value
+
+
+def _list_hint(tp, value: Any) -> str:
+    """How to write the list that a list key got as one value ('1,5' from ``--eval-corruptions-severities 1,5``)."""
+    if typing.get_origin(tp) not in (list, List) or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return ''
+    items = str(value).strip().strip('[]()').replace(' ', '')
+    return f'; write a list in brackets: [{items}]'
 
 
 def _unknown_key(key: str, source: str) -> ConfigError:
@@ -356,6 +377,11 @@ def resolve_config_file(config: str) -> str:
     """
     if os.path.isfile(config):
         return config
+    if os.path.isdir(config):
+        inside = os.path.join(config, 'config.yaml')  # a run folder's effective configuration
+        hint = f' (such as {inside!r})' if os.path.isfile(inside) else ''
+        raise ConfigError(f'config: {config!r} is a folder, not a YAML file; give a YAML file{hint} or a recipe name: '
+                          f'{", ".join(recipe_names())}')
     if os.sep not in config and '/' not in config:
         name = config if config.endswith(('.yaml', '.yml')) else f'{config}.yaml'
         for folder in RECIPE_FOLDERS:
@@ -511,6 +537,14 @@ def _check_corruptions(cfg: TrainConfig) -> None:
 
 
 def resolve_output_dir(cfg: TrainConfig) -> str:
+    """The run folder: ``cfg.output_dir``, or ``output/<config file name without .yaml, else model name>``.
+
+    Args:
+        cfg: The run's configuration.
+
+    Returns:
+        The folder's path; it is not created.
+    """
     if cfg.output_dir:
         return cfg.output_dir
     name = Path(cfg.config_file).stem if cfg.config_file else cfg.model
@@ -525,7 +559,7 @@ RESUME_MAY_CHANGE = frozenset({
     'warmup_epochs', 'warmup_lr', 'min_lr', 'clip_grad',
     # how the same computation is run, evaluated, logged and kept
     'workers', 'pin_memory', 'loader', 'data_dir', 'download', 'eval_batch_size', 'eval_limit', 'channels_last',
-    'compile', 'compile_mode', 'moex_impl', 'checkpoint_keep', 'log_with', 'progress', 'push_to_hub',
+    'compile', 'compile_mode', 'compile_backend', 'moex_impl', 'checkpoint_keep', 'log_with', 'progress', 'push_to_hub',
     'eval_corruptions', 'eval_corruptions_severities', 'eval_corruptions_limit',
 })
 """Keys that ``--resume`` may change; they take effect from the resumed epoch on. Every other key shapes
@@ -534,26 +568,43 @@ _NOT_COMPARED = frozenset({'output_dir', 'resume', 'eval_only', 'checkpoint', 'd
 
 
 def read_run_config(path: os.PathLike) -> Dict[str, Any]:
-    """A run folder's config.yaml as {key: value}, values type-checked, keys it lacks (an older run)
-    at their defaults; keys this version does not know are dropped.
+    """A run folder's config.yaml as {key: value}, values type-checked.
+
+    The file holds every key of :class:`TrainConfig` (:func:`save_config` writes them all). A value
+    that fails its key's type check is kept as written (the resume reports it as a difference).
+
+    Args:
+        path: The config.yaml.
+
+    Returns:
+        {key: value} for every key of :class:`TrainConfig`.
 
     Raises:
-        ConfigError: the file is not a YAML mapping.
+        ConfigError: the file is empty, not valid YAML, not a mapping (a damaged run folder), or its keys are
+            not this version's.
     """
+    todo = ('the run folder is damaged: restore the file (the YAML the run was started with, plus its command-line '
+            'options) or start a new run in another --output-dir')
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f'resume: {str(path)!r} is not valid YAML: {e}') from None
-    if not isinstance(data, dict):
-        raise ConfigError(f'resume: {str(path)!r} must hold a mapping of keys to values')
+        reason = (str(e).strip().splitlines() or [''])[0]
+        raise ConfigError(f'resume: {str(path)!r} is not valid YAML ({reason}); {todo}') from None
+    if not isinstance(data, dict) or not data:  # read as defaults, it would resume another run's settings
+        found = 'is empty' if data is None or data == {} else f'holds a {type(data).__name__}, not the run\'s settings'
+        raise ConfigError(f'resume: {str(path)!r} {found}; {todo}')
+    missing, unknown = [k for k in _FIELDS if k not in data], [str(k) for k in data if k not in _FIELDS]
+    if missing or unknown:
+        found = '; '.join(f'{what} {", ".join(keys)}'
+                          for what, keys in (('lacks', missing), ('has unknown keys', unknown)) if keys)
+        raise ConfigError(f'resume: {str(path)!r} {found}: another version of train_moex.py wrote it; resume it with '
+                          'that version, or start a new run in another --output-dir')
     values = {}
-    for key, f in _FIELDS.items():
-        value = data[key] if key in data else (f.default if f.default is not dataclasses.MISSING
-                                               else f.default_factory())
+    for key in _FIELDS:
         try:
-            values[key] = _check_type(key, value, _HINTS[key])
+            values[key] = _check_type(key, data[key], _HINTS[key])
         except ConfigError:
-            values[key] = value
+            values[key] = data[key]
     return values
 
 
@@ -561,6 +612,14 @@ def resume_differences(saved: Dict[str, Any], cfg: TrainConfig) -> (Dict[str, tu
     """(allowed changes, conflicts) of ``cfg`` against a run's saved configuration, each {key: (saved, now)}.
 
     Allowed changes are the keys of :data:`RESUME_MAY_CHANGE`; conflicts are every other differing key.
+    Keys that name this invocation only (output_dir, resume, eval_only, checkpoint, debug) are not compared.
+
+    Args:
+        saved: The run's configuration, from :func:`read_run_config`.
+        cfg: The configuration of this invocation.
+
+    Returns:
+        (allowed changes, conflicts); both empty when nothing differs.
     """
     changes, conflicts = {}, {}
     now = cfg.to_dict()
@@ -572,5 +631,10 @@ def resume_differences(saved: Dict[str, Any], cfg: TrainConfig) -> (Dict[str, tu
 
 
 def save_config(cfg: TrainConfig, path: os.PathLike) -> None:
-    """The effective configuration as YAML (loadable with --config)."""
+    """Write the effective configuration as YAML (loadable with --config), atomically.
+
+    Args:
+        cfg: The configuration.
+        path: The file to write or replace.
+    """
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

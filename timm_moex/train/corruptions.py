@@ -2,9 +2,10 @@
 
 Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and
 Perturbations", ICLR 2019, define 15 benchmark corruptions (noise, blur, weather, digital) and 4
-extra ones, each at severities 1-5; the code they released to build CIFAR-10-C fixes the
-parameters of every severity for 32x32 images. The functions here take those parameters and
-compute each corruption with numpy, Pillow and scipy:
+extra ones, each at severities 1-5; the code they released to build CIFAR-10-C
+(``ImageNet-C/create_c/make_cifar_c.py`` of github.com/hendrycks/robustness, "the released code"
+below) fixes the parameters of every severity for 32x32 images. The functions here take those
+parameters and compute each corruption with numpy, Pillow and scipy:
 
 - noise: ``gaussian_noise``, ``shot_noise``, ``impulse_noise`` (and the extra ``speckle_noise``);
 - blur: ``defocus_blur``, ``glass_blur``, ``motion_blur``, ``zoom_blur`` (and the extra
@@ -55,9 +56,10 @@ Other image sizes: the parameters are CIFAR's, meant for 32x32 images. Those tha
 ties to the image size (the elastic displacement, the fog map, the glass-blur range, the pixelation
 size) follow the image; the pixel-sized ones (blur widths) are used as they are.
 
-Every corruption is ``fn(image, severity, rng) -> image``: a uint8 (H, W, 3) array, a severity 1-5 and
-a ``numpy.random.Generator``; :func:`corruption_rng` seeds one per (corruption, severity, image
-index), so the same images give the same corrupted copies on every run and in every process.
+Every corruption is ``fn(image, severity, rng) -> image`` (:data:`Corruption`): a uint8 (H, W, 3)
+array, a severity 1-5 and a ``numpy.random.Generator``; :func:`corruption_rng` seeds one per
+(corruption, severity, image index), so the same images give the same corrupted copies on every run
+and in every process.
 Defocus, glass, zoom and gaussian blur, snow and the elastic transform need scipy (imported when
 first run); without it they are in :data:`UNAVAILABLE`, with the reason, and :data:`CORRUPTIONS`
 lacks them.
@@ -78,6 +80,17 @@ __all__ = ['CORRUPTIONS', 'BENCHMARK', 'BENCHMARK_AVAILABLE', 'EXTRA', 'LEFT_OUT
 SEVERITIES = (1, 2, 3, 4, 5)
 
 Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
+"""The signature of every corruption below, ``fn(image, severity, rng) -> image``.
+
+Args:
+    image: The clean image, uint8 (H, W, 3) RGB; it is not changed.
+    severity: 1 (mildest) to 5; anything else raises ValueError.
+    rng: The source of every random draw (:func:`corruption_rng` makes one per copy); the
+        deterministic corruptions (the blurs but glass and motion, colour, pixelate, JPEG) ignore it.
+
+Returns:
+    The corrupted image, uint8 (H, W, 3).
+"""
 
 
 def _level(values: Sequence, severity: int):
@@ -100,20 +113,20 @@ def _ndimage():
 # ---------------------------------------------------------------------------------------------
 # Noise
 def gaussian_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Additive Gaussian noise of standard deviation 0.04-0.10 (of the [0, 1] range)."""
+    """Additive Gaussian noise of standard deviation 0.04-0.10 (of the [0, 1] range); the released code's."""
     std = _level((0.04, 0.06, 0.08, 0.09, 0.10), severity)
     x = image / 255.0
     return _to_uint8(x + rng.normal(0.0, std, x.shape))
 
 
 def shot_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Poisson (photon) noise: ``Poisson(x * photons) / photons``, 500 down to 50 photons at full scale."""
+    """Poisson noise ``Poisson(x * photons) / photons``, 500 down to 50 photons at full scale; the released code's."""
     photons = _level((500, 250, 100, 75, 50), severity)
     return _to_uint8(rng.poisson(image / 255.0 * photons) / photons)
 
 
 def impulse_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Salt-and-pepper noise: a fraction 0.01-0.07 of the values set to 0 or 1 with equal odds."""
+    """Salt-and-pepper noise, a fraction 0.01-0.07 of the values set to 0 or 1; the released code's."""
     amount = _level((0.01, 0.02, 0.03, 0.05, 0.07), severity)
     x = image / 255.0
     hit = rng.random(x.shape) < amount
@@ -122,7 +135,7 @@ def impulse_noise(image: np.ndarray, severity: int, rng: np.random.Generator) ->
 
 
 def speckle_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Multiplicative Gaussian noise ``x + x * N(0, std)``, std 0.06-0.2 (extra corruption)."""
+    """Multiplicative Gaussian noise ``x + x * N(0, std)``, std 0.06-0.2; the released code's (extra corruption)."""
     std = _level((0.06, 0.10, 0.12, 0.16, 0.20), severity)
     x = image / 255.0
     return _to_uint8(x + x * rng.normal(0.0, std, x.shape))
@@ -137,14 +150,13 @@ def _gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def gaussian_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian blur of sigma 0.4-1 pixel (extra corruption)."""
+    """Gaussian blur of sigma 0.4-1 pixel; the released code's (extra corruption)."""
     sigma = _level((0.4, 0.6, 0.7, 0.8, 1.0), severity)
     return _to_uint8(_gaussian(image / 255.0, sigma))
 
 
 def glass_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Blur, local pixel displacement (1 or 2 passes), blur again; see the module docstring for the
-    displacement."""
+    """Blur, local pixel displacement (1 or 2 passes), blur; what the released code computes (module docstring)."""
     sigma, passes = _level(((0.05, 1), (0.25, 1), (0.4, 1), (0.25, 2), (0.4, 2)), severity)
     x = _to_uint8(_gaussian(image / 255.0, sigma))
     h, w = x.shape[:2]
@@ -171,7 +183,7 @@ def _disk_kernel(radius: float, alias_sigma: float) -> np.ndarray:
 
 
 def defocus_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Blur by an antialiased disk (a defocused lens) of radius 0.3-1.5 pixels."""
+    """Blur by an antialiased disk (a defocused lens) of radius 0.3-1.5 pixels; the released code's, without OpenCV."""
     radius, alias_sigma = _level(((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1)), severity)
     kernel = _disk_kernel(radius, alias_sigma)[:, :, None]
     return _to_uint8(_ndimage().correlate(image / 255.0, kernel, mode='mirror'))
@@ -201,7 +213,7 @@ def _round_to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def motion_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Motion blur along a random angle in [-45, 45] degrees, radius 6-9 pixels, sigma 1-2.5."""
+    """Motion blur, radius 6-9 px, at a random angle in [-45, 45] degrees; the released code's (module docstring)."""
     radius, sigma = _level(((6, 1.0), (6, 1.5), (6, 2.0), (8, 2.0), (9, 2.5)), severity)
     angle = rng.uniform(-45, 45)
     return _round_to_uint8(_motion_blur(image.astype(np.float64), radius, sigma, angle))
@@ -235,7 +247,7 @@ _ZOOMS = [np.arange(1, stop, 0.01) for stop in (1.06, 1.11, 1.16, 1.21, 1.26)]
 
 
 def zoom_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """The mean of the image and its centre zoomed by 1 to 1.06-1.25 in steps of 0.01 (a zooming camera)."""
+    """The mean of the image and its centre zoomed by 1 to 1.06-1.25 in steps of 0.01; the released code's."""
     factors = _level(_ZOOMS, severity)
     x = (image / 255.0).astype(np.float32)
     zoomed = np.zeros_like(x)
@@ -275,7 +287,7 @@ def _plasma_fractal(size: int, roughness: float, rng: np.random.Generator) -> np
 
 
 def fog(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """A plasma-fractal haze of strength 0.2-1.5 added, then the image rescaled to its former peak."""
+    """A plasma-fractal haze of strength 0.2-1.5 added, the image rescaled to its former peak; the released code's."""
     strength, roughness = _level(((0.2, 3.0), (0.5, 3.0), (0.75, 2.5), (1.0, 2.0), (1.5, 1.75)), severity)
     x = image / 255.0
     h, w = x.shape[:2]
@@ -286,8 +298,7 @@ def fog(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarra
 
 
 def snow(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Snow flakes (thresholded, zoomed noise, motion-blurred downwards), added twice (the second copy
-    turned by 180 degrees), over an image brightened towards its greyscale."""
+    """Motion-blurred snow flakes added twice (once turned 180 degrees) to a brightened image; the released code's."""
     mean, std, zoom, threshold, radius, sigma, keep = _level((
         (0.1, 0.2, 1.0, 0.6, 8, 3, 0.95),
         (0.1, 0.2, 1.0, 0.5, 10, 4, 0.9),
@@ -333,7 +344,7 @@ def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
 
 
 def brightness(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """0.05-0.3 added to the HSV value."""
+    """0.05-0.3 added to the HSV value; the released code's."""
     shift = _level((0.05, 0.1, 0.15, 0.2, 0.3), severity)
     hsv = _rgb_to_hsv(image / 255.0)
     hsv[..., 2] = np.clip(hsv[..., 2] + shift, 0, 1)
@@ -341,8 +352,10 @@ def brightness(image: np.ndarray, severity: int, rng: np.random.Generator) -> np
 
 
 def saturate(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """HSV saturation scaled (0.3, 0.1, then 1.5, 2, 2.5 with an offset): less, then more colour (extra
-    corruption; severities 1-2 desaturate, 3-5 oversaturate, so its severities are not one ramp)."""
+    """HSV saturation scaled by 0.3, 0.1, then 1.5, 2, 2.5 (plus an offset); the released code's (extra corruption).
+
+    Severities 1-2 desaturate and 3-5 oversaturate, so its severities are not one ramp.
+    """
     scale, offset = _level(((0.3, 0.0), (0.1, 0.0), (1.5, 0.0), (2.0, 0.1), (2.5, 0.2)), severity)
     hsv = _rgb_to_hsv(image / 255.0)
     hsv[..., 1] = np.clip(hsv[..., 1] * scale + offset, 0, 1)
@@ -350,7 +363,7 @@ def saturate(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.n
 
 
 def contrast(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Each channel pulled towards its mean, keeping 0.75 down to 0.15 of the deviation."""
+    """Each channel pulled towards its mean, keeping 0.75 down to 0.15 of the deviation; the released code's."""
     keep = _level((0.75, 0.5, 0.4, 0.3, 0.15), severity)
     x = image / 255.0
     means = x.mean(axis=(0, 1), keepdims=True)
@@ -365,8 +378,11 @@ def _affine_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def elastic_transform(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """A random affine warp (three points moved by up to 3-8 % of the side), then a smooth random
-    displacement field (strength up to 10 % of the side), both bilinear with mirrored borders."""
+    """A random affine warp, then a smooth random displacement field; the released code's, without OpenCV.
+
+    The affine moves three points by up to 8-3 % of the side, the field displaces by up to 10 % of the
+    side; both sample bilinearly with mirrored borders.
+    """
     h, w = image.shape[:2]
     side = min(h, w)
     alpha, sigma, shift = (f * side for f in _level(
@@ -392,7 +408,7 @@ def elastic_transform(image: np.ndarray, severity: int, rng: np.random.Generator
 
 
 def pixelate(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Box-downscaled to 95-65 % of the side and box-upscaled back."""
+    """Box-downscaled to 95-65 % of the side and box-upscaled back (Pillow); the released code's."""
     fraction = _level((0.95, 0.9, 0.85, 0.75, 0.65), severity)
     h, w = image.shape[:2]
     img = Image.fromarray(image).resize((int(w * fraction), int(h * fraction)), Image.BOX)
@@ -400,7 +416,7 @@ def pixelate(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.n
 
 
 def jpeg_compression(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Saved as JPEG at quality 80 down to 40 (Pillow's defaults otherwise) and decoded."""
+    """Saved as JPEG at quality 80 down to 40 (Pillow's defaults otherwise) and decoded; the released code's."""
     quality = _level((80, 65, 58, 50, 40), severity)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, 'JPEG', quality=quality)
@@ -433,7 +449,15 @@ _NEED_SCIPY = frozenset({'defocus_blur', 'glass_blur', 'zoom_blur', 'snow', 'ela
 
 
 def available_corruptions(have_scipy: bool):
-    """(usable corruptions {name: fn}, unusable ones {name: why}) when scipy is or is not installed."""
+    """The corruptions that can and cannot be computed.
+
+    Args:
+        have_scipy: Whether scipy is installed; without it the corruptions that need it are unusable.
+
+    Returns:
+        (usable {name: fn} in benchmark order then the extras, unusable {name: why}); :data:`LEFT_OUT`
+        is always unusable.
+    """
     unavailable = dict(LEFT_OUT)
     if not have_scipy:
         unavailable.update({name: 'needs scipy (pip install scipy)' for name in sorted(_NEED_SCIPY)})
@@ -451,13 +475,35 @@ BENCHMARK_AVAILABLE = tuple(name for name in BENCHMARK if name in CORRUPTIONS)
 
 
 def corruption_rng(name: str, severity: int, index: int, seed: int = 0) -> np.random.Generator:
-    """The random generator of one corrupted copy: a function of (seed, corruption, severity, image index) only."""
+    """The random generator of one corrupted copy: a function of (seed, corruption, severity, image index) only.
+
+    Args:
+        name: The corruption.
+        severity: Its severity.
+        index: The image's position in its set.
+        seed: Chooses another set of copies.
+
+    Returns:
+        A fresh ``numpy.random.Generator``.
+    """
     return np.random.default_rng([seed, zlib.crc32(name.encode()), severity, index])
 
 
 def corrupt(image: np.ndarray, name: str, severity: int, index: int, seed: int = 0,
             registry: Optional[Dict[str, Corruption]] = None) -> np.ndarray:
-    """Image ``index`` of a set (uint8 (H, W, 3)) with corruption ``name`` at ``severity``, reproducibly."""
+    """Image ``index`` of a set with corruption ``name`` at ``severity``, reproducibly (:func:`corruption_rng`).
+
+    Args:
+        image: The clean image, uint8 (H, W, 3).
+        name: A corruption of ``registry``.
+        severity: 1-5.
+        index: The image's position in its set, which seeds its copy.
+        seed: Chooses another set of copies.
+        registry: name -> corruption; default :data:`CORRUPTIONS`.
+
+    Returns:
+        The corrupted image, uint8 (H, W, 3).
+    """
     registry = CORRUPTIONS if registry is None else registry
     return registry[name](image, severity, corruption_rng(name, severity, index, seed))
 
@@ -465,6 +511,13 @@ def corrupt(image: np.ndarray, name: str, severity: int, index: int, seed: int =
 def parse_corruptions(spec: str, registry: Optional[Dict[str, Corruption]] = None) -> List[str]:
     """The corruption names of a setting: ``'none'``, ``'all'`` (:data:`BENCHMARK_AVAILABLE`) or names
     separated by commas, which may include ``all``; duplicates are dropped, the order kept.
+
+    Args:
+        spec: The setting, e.g. ``'all'`` or ``'fog,contrast'``.
+        registry: name -> corruption the names are looked up in; default :data:`CORRUPTIONS`.
+
+    Returns:
+        The names, in the order given; [] for ``'none'``.
 
     Raises:
         ValueError: An unknown or unavailable name, with the reason or the closest names.

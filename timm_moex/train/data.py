@@ -62,26 +62,44 @@ def _eval_folder(root: str) -> Optional[str]:
 
 
 def check_data_dir(cfg: TrainConfig) -> None:
-    """Raise ConfigError if ``cfg.dataset`` cannot be found under ``cfg.data_dir``."""
+    """Check that ``cfg.dataset`` can be found under ``cfg.data_dir``.
+
+    CIFAR needs its torchvision folder (or ``download: true``); imagefolder and imagenet need
+    ``train/`` and one of ``test/``, ``val/``, ``validation/``. digits needs nothing.
+
+    Args:
+        cfg: The run's configuration (``dataset``, ``data_dir``, ``download``).
+
+    Raises:
+        DataError: The dataset's files or folders are not there.
+    """
     root = cfg.data_dir
     if cfg.dataset in _CIFAR_FOLDERS:
         folder = os.path.join(root, _CIFAR_FOLDERS[cfg.dataset])
         if not cfg.download and not os.path.isdir(folder):
-            raise ConfigError(
-                f'data_dir: no {cfg.dataset} files in {os.path.abspath(folder)!r}; set download: true '
-                f'(--download) to let torchvision fetch them into data_dir={root!r} (needs internet), or point '
-                f'--data-dir at the folder that holds {_CIFAR_FOLDERS[cfg.dataset]}/')
+            raise DataError(f'data_dir: no {cfg.dataset} files', os.path.abspath(folder),
+                            f'set download: true (--download) to let torchvision fetch them into data_dir={root!r} '
+                            f'(needs internet), or point --data-dir at the folder that holds '
+                            f'{_CIFAR_FOLDERS[cfg.dataset]}/')
     elif cfg.dataset in ('imagefolder', 'imagenet'):
-        if not os.path.isdir(os.path.join(root, 'train')) or _eval_folder(root) is None:
-            raise ConfigError(
-                f'data_dir: {os.path.abspath(root)!r} must hold train/ and one of {"/, ".join(_EVAL_SPLITS)}/ '
-                f'(one sub-folder per class) for dataset={cfg.dataset!r}')
+        missing = ([] if os.path.isdir(os.path.join(root, 'train')) else ['train/']) + \
+            ([] if _eval_folder(root) is not None else ['/, '.join(_EVAL_SPLITS[:-1]) + f'/ or {_EVAL_SPLITS[-1]}/'])
+        if missing:
+            raise DataError(f'data_dir: no {" and no ".join(missing)} for dataset={cfg.dataset!r}',
+                            os.path.abspath(root), 'give --data-dir the folder that holds train/ and test/ (or val/), '
+                            'one sub-folder per class in each')
 
 
 # ---------------------------------------------------------------------------------------------
 # Datasets
 class FileListDataset(Dataset):
-    """(path, class index) samples read with :func:`load_image`."""
+    """(path, class index) samples read with :func:`load_image`.
+
+    Args:
+        samples: (image path, class index) pairs.
+        classes: The class names, in class-index order.
+        transform: Applied to each PIL image; None returns the image itself.
+    """
 
     def __init__(self, samples: Sequence[Tuple[str, int]], classes: List[str], transform: Optional[Callable] = None):
         self.samples, self.classes, self.transform = list(samples), list(classes), transform
@@ -96,7 +114,14 @@ class FileListDataset(Dataset):
 
 
 class DigitsDataset(Dataset):
-    """scikit-learn's 8x8 digits as 32x32 RGB PIL images; a fixed split of 1,437 train / 360 test."""
+    """scikit-learn's 8x8 digits as 32x32 RGB PIL images; a fixed split of 1,437 train / 360 test.
+
+    Args:
+        train: The training split; False gives the 360 test images.
+        transform: Applied to each PIL image; None returns the image itself.
+        size: Side in pixels the 8x8 images are upscaled to (bilinear).
+        seed: Seed of the stratified train / test split.
+    """
 
     classes = [str(i) for i in range(10)]
 
@@ -124,7 +149,11 @@ class DigitsDataset(Dataset):
 # Transforms
 class Cutout:
     """Zero one ``size`` x ``size`` square, centred at a uniform random pixel and clipped at the
-    border, in a normalized CHW tensor (DeVries & Taylor, 2017; 16 px on CIFAR)."""
+    border, in a normalized CHW tensor (DeVries & Taylor, 2017; 16 px on CIFAR).
+
+    Args:
+        size: Side of the square in pixels.
+    """
 
     def __init__(self, size: int):
         self.size = size
@@ -143,7 +172,16 @@ class Cutout:
 
 
 def resolve_data_defaults(cfg: TrainConfig) -> Tuple[int, Tuple[float, ...], Tuple[float, ...], str]:
-    """(img_size, mean, std, aug_recipe) with the dataset's defaults filled in."""
+    """The input size, normalization and train recipe, with the dataset's defaults filled in.
+
+    Args:
+        cfg: The run's configuration; ``img_size``, ``mean``, ``std`` left unset and
+            ``aug_recipe: auto`` take the dataset's values.
+
+    Returns:
+        (img_size, mean, std, aug_recipe): 32 px for digits / CIFAR, else 224; the dataset's
+        mean and std (ImageNet's for folders); 'cifar' up to 64 px, else 'imagenet'.
+    """
     img_size = cfg.img_size or (32 if cfg.dataset in _SMALL_DATASETS else 224)
     mean, std = DATASET_STATS.get(cfg.dataset, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     mean, std = tuple(cfg.mean or mean), tuple(cfg.std or std)
@@ -164,7 +202,14 @@ def _policy(name: str, mean: Sequence[float]) -> Callable:
 
 
 def create_transforms(cfg: TrainConfig) -> Tuple[Callable, Callable]:
-    """(train transform, eval transform)."""
+    """The PIL-image transforms of the worker loader for ``cfg.aug_recipe`` (see the module docstring).
+
+    Args:
+        cfg: The run's configuration.
+
+    Returns:
+        (train transform, eval transform); with ``aug_recipe: none`` both are the eval transform.
+    """
     img_size, mean, std, recipe = resolve_data_defaults(cfg)
     # The 32 px datasets are resized only to another img_size (the device loader does the same).
     resize = [] if cfg.dataset in _SMALL_DATASETS and img_size == _SMALL_SIZE else \
@@ -196,7 +241,16 @@ def create_transforms(cfg: TrainConfig) -> Tuple[Callable, Callable]:
 
 
 def device_loader_unsupported(cfg: TrainConfig) -> str:
-    """Why the settings need the worker loader ('' when the device loader can do them)."""
+    """Why the settings need the worker loader rather than the device loader.
+
+    Args:
+        cfg: The run's configuration.
+
+    Returns:
+        The reason, a phrase that follows "loader: 'device'" in an error message (ImageNet,
+        images over 64 px, a recipe other than cifar / none, AutoAugment, RandomErasing); ''
+        when the device loader can do them.
+    """
     if cfg.dataset == 'imagenet':
         return "does not hold ImageNet-size datasets (dataset: imagenet)"
     img_size, _, _, recipe = resolve_data_defaults(cfg)
@@ -212,7 +266,16 @@ def device_loader_unsupported(cfg: TrainConfig) -> str:
 
 
 def resolve_loader(cfg: TrainConfig, device: Optional[torch.device] = None) -> str:
-    """'workers' or 'device': ``loader: auto`` is 'device' on a GPU when the recipe allows it."""
+    """The loader to use: ``cfg.loader``, with ``auto`` decided.
+
+    Args:
+        cfg: The run's configuration.
+        device: The training device; ``loader: auto`` is 'device' only on a CUDA device and only
+            when :func:`device_loader_unsupported` has no objection.
+
+    Returns:
+        'workers' or 'device'.
+    """
     if cfg.loader != 'auto':
         return cfg.loader
     on_gpu = device is not None and torch.device(device).type == 'cuda'
@@ -228,9 +291,10 @@ def _raw_datasets(cfg: TrainConfig):
         try:
             train_set = cls(cfg.data_dir, train=True, download=cfg.download)
             eval_set = cls(cfg.data_dir, train=False, download=cfg.download)
-        except RuntimeError as e:
-            raise RuntimeError(f'{cfg.dataset} in {os.path.abspath(cfg.data_dir)!r}: {e} '
-                               '(download: true fetches the files)') from e
+        except RuntimeError as e:  # torchvision: missing or corrupt files
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise DataError(f'{cfg.dataset}: the files cannot be used ({reason})', os.path.abspath(cfg.data_dir),
+                            'download: true (--download) fetches them again') from None
         return train_set, eval_set, train_set.classes
     if cfg.dataset == 'imagefolder':
         train_set = _image_folder(os.path.join(cfg.data_dir, 'train'))
@@ -260,8 +324,19 @@ def _image_folder(root: str) -> datasets.ImageFolder:
 
 
 def add_label_noise(dataset: Dataset, rate: float, num_classes: int, seed: int = 1) -> torch.Tensor:
-    """Give ``round(rate * len(dataset))`` samples, drawn with ``seed``, a uniformly drawn other class, in
-    place (``targets`` and, for file datasets, ``samples``). Returns the indices of the changed samples."""
+    """Give ``round(rate * len(dataset))`` samples a uniformly drawn other class, in place.
+
+    Changes ``targets`` and, for file datasets, ``samples`` (and ``imgs``).
+
+    Args:
+        dataset: A dataset with ``targets`` or ``samples`` of (path, class index).
+        rate: The fraction of samples whose label is replaced.
+        num_classes: The number of classes the other class is drawn from.
+        seed: Seed of the draw of the samples and of their new classes.
+
+    Returns:
+        The indices of the changed samples.
+    """
     samples = getattr(dataset, 'samples', None)
     targets = torch.as_tensor(list(dataset.targets) if hasattr(dataset, 'targets') else [t for _, t in samples])
     # Not seed 0: that is the draw of train_limit's subset, and the noisy samples must not be its first ones.
@@ -324,9 +399,26 @@ def _to_device_dataset(cfg: TrainConfig, raw: Dataset, train: bool, device) -> D
 
 
 def create_datasets(cfg: TrainConfig, device: Optional[torch.device] = None) -> Tuple[Dataset, Dataset, int]:
-    """(train set, eval set, number of classes); with the device loader (:func:`resolve_loader`),
-    :class:`~timm_moex.train.device_data.DeviceImageDataset` s on ``device``."""
+    """The train and eval sets of ``cfg.dataset``, with label noise, limits and transforms applied.
+
+    Args:
+        cfg: The run's configuration.
+        device: The training device; with the device loader (:func:`resolve_loader`) both sets
+            are :class:`~timm_moex.train.device_data.DeviceImageDataset` s held there.
+
+    Returns:
+        (train set, eval set, number of classes): ``cfg.num_classes`` or the dataset's count.
+
+    Raises:
+        ConfigError: ``num_classes`` is fewer than the dataset's classes.
+        DataError: An image folder has no images, train/ and the eval folder hold different classes, the dataset
+            has a single class, or torchvision cannot read the CIFAR files.
+    """
     train_set, eval_set, classes = _raw_datasets(cfg)
+    if len(classes) < 2:  # every label the same: the loss reaches 0 and the error 0 % with nothing learned
+        raise DataError('the training set holds a single class, nothing to classify',
+                        f'{os.path.abspath(cfg.data_dir)}: only {classes[0] if classes else None!r}',
+                        'give at least two classes (one sub-folder per class in train/ and in the evaluation folder)')
     if cfg.label_noise > 0:
         add_label_noise(train_set, cfg.label_noise, len(classes))
     train_set, eval_set = _limit(train_set, cfg.train_limit), _limit(eval_set, cfg.eval_limit)
@@ -346,6 +438,17 @@ def create_loaders(cfg: TrainConfig, train_set: Dataset, eval_set: Dataset) -> T
     """Per-process loaders; the train loader drops its last incomplete batch (Mixup needs even batches).
 
     A :class:`~timm_moex.train.device_data.DeviceImageDataset` is read in the main process, a batch per call.
+
+    Args:
+        cfg: The run's configuration (batch sizes, workers, pin_memory).
+        train_set: The training set, shuffled.
+        eval_set: The evaluation set, in order; batches of ``eval_batch_size`` (default twice ``batch_size``).
+
+    Returns:
+        (train loader, eval loader).
+
+    Raises:
+        DataError: The batch is larger than the training set (unless ``eval_only``), or the eval set is empty.
     """
     if isinstance(train_set, DeviceImageDataset):
         common = dict(num_workers=0, collate_fn=batch_collate)
@@ -367,6 +470,13 @@ def create_mixup(cfg: TrainConfig, num_classes: int):
 
     timm pairs sample i with sample B-1-i (``x.flip(0)``) and returns soft targets
     ``lam * y_i + (1 - lam) * y_{B-1-i}`` (smoothed).
+
+    Args:
+        cfg: The run's configuration (mixup, cutmix and their probabilities, mode, smoothing).
+        num_classes: The number of classes of the soft targets.
+
+    Returns:
+        A ``timm.data.Mixup``, or None when ``cfg.mixing`` is off.
     """
     if not cfg.mixing:
         return None

@@ -36,12 +36,24 @@ def augment_batch(
         hflip: float = 0.0,
         cutout: int = 0,
 ) -> torch.Tensor:
-    """The CIFAR recipe on a uint8 batch (B, C, H, W): random crop of the zero-padded image, flip,
+    """The CIFAR recipe on a uint8 batch: random crop of the zero-padded image, flip,
     ``x * scale + shift`` per channel (normalization folded into one affine), Cutout in the
-    normalized image. Returns float32 (B, C, H, W) in channels-last memory format.
+    normalized image.
 
     Crop and flip are one gather: the window's row and column indices are drawn per sample and
     the column indices reversed for the flipped samples.
+
+    Args:
+        images: uint8 images (B, C, H, W).
+        scale: Per-channel factor (C,), ``1 / (255 * std)``.
+        shift: Per-channel offset (C,), ``-mean / std``.
+        padding: Zero padding on each side before the H x W crop; 0 = no crop.
+        hflip: Probability that a sample is flipped horizontally.
+        cutout: Side of the zeroed square, centred at a uniform random pixel and clipped at the
+            border; 0 = off.
+
+    Returns:
+        float32 (B, C, H, W) in channels-last memory format.
     """
     b, c, h, w = images.shape
     device = images.device
@@ -69,14 +81,38 @@ def augment_batch(
 
 
 def batch_collate(batch):
-    """The collate_fn of a :class:`DeviceImageDataset` loader: the dataset already returns a batch."""
+    """The collate_fn of a :class:`DeviceImageDataset` loader: the dataset already returns a batch.
+
+    Args:
+        batch: The (images, targets) that ``__getitems__`` returned.
+
+    Returns:
+        ``batch``, unchanged.
+    """
     return batch
 
 
 class DeviceImageDataset(Dataset):
     """uint8 images (N, C, H, W) and int64 targets on ``device``; ``__getitems__`` returns a
     normalized (and, with ``train=True``, augmented) float32 batch, in channels-last memory
-    format when ``channels_last``, and its targets."""
+    format when ``channels_last``, and its targets.
+
+    Args:
+        images: uint8 images (N, C, H, W).
+        targets: Class indices (N,).
+        mean: Per-channel normalization mean, for pixels in [0, 1].
+        std: Per-channel normalization std, for pixels in [0, 1].
+        train: Augment with ``padding``, ``hflip`` and ``cutout``; False only normalizes.
+        padding: Zero padding of the random crop (train only).
+        hflip: Horizontal flip probability (train only).
+        cutout: Side of the Cutout square; 0 = off (train only).
+        device: Where images and targets are held; None keeps the images' device.
+        classes: The class names, kept as ``classes``.
+        channels_last: Return batches in channels-last memory format; False makes them contiguous.
+
+    Raises:
+        ValueError: ``images`` is not uint8 (N, C, H, W), or targets, mean or std do not match it.
+    """
 
     def __init__(
             self,
@@ -127,9 +163,21 @@ class DeviceImageDataset(Dataset):
 
 
 def stack_images(images: Sequence, size: Optional[int] = None, workers: int = 0) -> torch.Tensor:
-    """uint8 (N, 3, size, size) from PIL images, numpy arrays or file paths (decoded in threads;
-    a file that cannot be read raises an error naming it). Images of another size are resized
-    (shorter side) and centre-cropped to ``size``."""
+    """Stack images into one uint8 tensor, decoding files in threads.
+
+    Args:
+        images: PIL images, uint8 HWC numpy arrays or file paths.
+        size: Side of the output; images of another size are resized (shorter side to ``size``,
+            bilinear) and centre-cropped. None keeps the sizes, which must then agree.
+        workers: Decoding threads; 0 = as many as CPUs, at most 32.
+
+    Returns:
+        uint8 (N, 3, size, size), RGB.
+
+    Raises:
+        RuntimeError: A file cannot be decoded (the message names it).
+        ValueError: With ``size=None``, the images are of several sizes.
+    """
     def one(item) -> np.ndarray:
         img = load_image(item) if isinstance(item, (str, os.PathLike)) else item
         if isinstance(img, np.ndarray):

@@ -6,7 +6,7 @@
 from typing import Any, Optional
 
 __all__ = ['UserError', 'ConfigError', 'RunError', 'RunFolderBusy', 'ResumeMismatch', 'CheckpointError', 'DataError',
-           'Diverged', 'Interrupted']
+           'UnreadableImage', 'Diverged', 'Interrupted', 'Terminated', 'TerminationRequest']
 
 
 class UserError(Exception):
@@ -67,6 +67,39 @@ class DataError(RunError):
     exit_code = 7
 
 
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded (truncated, or not an image at all).
+
+    A DataLoader worker's error reaches the main process rebuilt from one string, the worker's formatted traceback
+    (``torch.utils.data``'s ``ExceptionWrapper``), whose last line is this error's message: the one-argument form
+    reads the file and the reason back from it, so that the error stays an :class:`UnreadableImage` in the main
+    process, whatever the number of workers.
+
+    Args:
+        path: The file; or, alone, a DataLoader's message about this error raised in a worker.
+        reason: Why the decoder refused it.
+    """
+
+    WHAT = 'an image file cannot be decoded'
+    TODO = 'replace or remove the file (a truncated copy, or not an image)'
+
+    def __init__(self, path: Any, reason: Optional[str] = None):
+        if reason is None:  # rebuilt from a worker's traceback: its last line is "<module>.UnreadableImage: <message>"
+            message = str(path).rstrip().splitlines()[-1] if str(path).strip() else ''
+            head, tail = f'{self.WHAT} (', f'): {self.TODO}'
+            start = message.find(head)
+            if start >= 0 and message.endswith(tail):
+                value = message[start + len(head):-len(tail)]
+                path, _, reason = value.partition(': ')
+            else:
+                path, reason = message, 'unreadable'
+        self.path, self.reason = str(path), reason
+        super().__init__(self.WHAT, f'{path}: {reason}', self.TODO)
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
+
+
 class Diverged(RunError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -77,3 +110,14 @@ class Interrupted(RunError):
     """Ctrl-C (SIGINT) during a run; the last checkpoint is kept and ``--resume auto`` continues."""
 
     exit_code = 130  # 128 + SIGINT, the shell's convention
+
+
+class Terminated(Interrupted):
+    """SIGTERM (``kill``, a job scheduler's stop) during a run; the last checkpoint is kept, as on Ctrl-C."""
+
+    exit_code = 143  # 128 + SIGTERM
+
+
+class TerminationRequest(KeyboardInterrupt):
+    """What train_moex.py's SIGTERM handler raises in the main thread: a KeyboardInterrupt, so that the run stops as
+    it does on Ctrl-C (loaders shut down, files being written removed), then reports :class:`Terminated`."""

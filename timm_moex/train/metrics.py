@@ -16,7 +16,14 @@ __all__ = ['ClassificationMeter', 'evaluate']
 
 
 class ClassificationMeter:
-    """Sums for top-1 / top-5 error, NLL and expected calibration error (``bins`` equal-width bins)."""
+    """Sums for top-1 / top-5 error, NLL and expected calibration error; ``update`` per batch, then ``compute``.
+
+    Args:
+        bins: Equal-width confidence bins of the expected calibration error; >= 1.
+
+    Raises:
+        ValueError: ``bins`` is less than 1.
+    """
 
     def __init__(self, bins: int = 15):
         if bins < 1:
@@ -32,6 +39,12 @@ class ClassificationMeter:
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch.
+
+        Args:
+            logits: (B, K) class scores.
+            target: (B,) class indices.
+        """
         logits, target = logits.detach().float(), target.detach()
         if self.sums.device != logits.device:
             # float64 keeps the counts exact over any evaluation set; MPS has no float64
@@ -68,7 +81,20 @@ class ClassificationMeter:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, accelerator, channels_last: bool = False,
              meter: Optional[ClassificationMeter] = None) -> Dict[str, float]:
-    """Metrics of ``model`` on ``loader`` (an Accelerate-prepared loader), identical on every process."""
+    """Metrics of ``model`` on ``loader``, identical on every process.
+
+    Runs in eval mode under the accelerator's autocast and restores the model's training mode.
+
+    Args:
+        model: The classifier.
+        loader: An Accelerate-prepared loader of (input, target) batches.
+        accelerator: The run's Accelerator: autocast and ``gather_for_metrics``.
+        channels_last: Feed channels-last inputs.
+        meter: Where the sums go; None uses a fresh ``ClassificationMeter()``.
+
+    Returns:
+        ``loss`` (the NLL), ``top1_err``, ``top5_err``, ``ece`` (all %) and ``count`` (images).
+    """
     meter = meter or ClassificationMeter()
     was_training = model.training
     model.eval()

@@ -30,7 +30,7 @@ from timm.models._hub import generate_readme, save_config_for_hf  # timm's write
 from timm.models._registry import split_model_name_tag
 
 from .config import TrainConfig
-from .files import atomic_write_text
+from .files import atomic_path, atomic_write_text
 from .data import resolve_data_defaults
 
 __all__ = ['run_data_config', 'write_model_folder', 'model_card', 'push_model_folder', 'HUB_FILES']
@@ -55,6 +55,9 @@ def run_data_config(cfg: TrainConfig) -> Dict[str, Any]:
     The imagenet recipe evaluates with timm's ``create_transform`` (resize to
     ``img_size / crop_pct``, centre crop); the cifar and none recipes resize the shorter side to
     ``img_size`` (bilinear) and centre-crop, which is ``crop_pct = 1``.
+
+    Args:
+        cfg: The run's configuration.
 
     Returns:
         ``input_size``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``, ``interpolation``.
@@ -94,19 +97,12 @@ def write_model_folder(
     if label_names is not None and len(label_names) == model.num_classes:
         model_config['label_names'] = [str(name) for name in label_names]
     path = folder / 'config.json'
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.config.json.', suffix='.tmp')
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_config_for_hf(model, tmp, model_config=model_config, data_config=run_data_config(cfg))
-        config = json.loads(Path(tmp).read_text())
+        config = json.loads(tmp.read_text())
         for key in _SOURCE_FIELDS:  # they describe the weights the architecture was published with, not these
             config['pretrained_cfg'].pop(key, None)
-        Path(tmp).write_text(json.dumps(config, indent=2))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.write_text(json.dumps(config, indent=2))
     atomic_write_text(folder / 'README.md', model_card(folder, cfg=cfg, results=results))
     return path
 
@@ -125,6 +121,9 @@ def model_card(
         repo_id: The Hub repository, for the usage example; default: the local folder.
         cfg: The run's configuration (the recipe).
         results: The run's results.
+
+    Returns:
+        The card, Markdown with timm's YAML header.
     """
     folder = Path(folder)
     config = json.loads((folder / 'config.json').read_text())
@@ -193,6 +192,9 @@ def push_model_folder(folder: os.PathLike, repo_id: str, private: bool = False,
 
     Returns:
         huggingface_hub's commit information.
+
+    Raises:
+        FileNotFoundError: The folder lacks ``config.json`` or ``model.safetensors``.
     """
     folder = Path(folder)
     missing = [name for name in HUB_FILES[:2] if not (folder / name).is_file()]
@@ -209,8 +211,16 @@ def push_model_folder(folder: os.PathLike, repo_id: str, private: bool = False,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m timm_moex.train.model_folder RUN_DIR OWNER/NAME [--private]``: publish a finished run folder."""
-    parser = argparse.ArgumentParser(prog='python -m timm_moex.train.model_folder', description=main.__doc__)
+    """``python -m timm_moex.train.model_folder RUN_DIR OWNER/NAME [--private]``: publish a finished run folder.
+
+    Args:
+        argv: The arguments (default: the command line).
+
+    Returns:
+        The exit code: 0 once pushed; a missing folder or file exits 2 through the parser.
+    """
+    parser = argparse.ArgumentParser(prog='python -m timm_moex.train.model_folder',
+                                     description='Publish a finished run folder on the Hugging Face Hub.')
     parser.add_argument('folder', help='a finished run folder (config.json, model.safetensors)')
     parser.add_argument('repo_id', help='the Hugging Face Hub repository, owner/name')
     parser.add_argument('--private', action='store_true', help='create the repository as private')

@@ -201,7 +201,14 @@ def evaluate_corruptions(
 
 
 def summary_line(results: Dict) -> str:
-    """One line: the mean corruption error, the clean error, the worst corruption."""
+    """One line: the mean corruption error, the clean error, the worst corruption.
+
+    Args:
+        results: What :func:`evaluate_corruptions` returned, with at least one corruption.
+
+    Returns:
+        The line, without a newline.
+    """
     worst = max(results['mean_top1_err'], key=results['mean_top1_err'].get)
     return (f"corruptions: mean top-1 error {results['mean_corruption_error']:.2f}% over "
             f"{len(results['corruptions'])} corruption(s) x severities {results['severities']} on "
@@ -213,8 +220,12 @@ def write_corruption_report(results: Dict, folder: Path) -> List[Path]:
     """``corruptions.csv`` (corruption, severity, top-1 error; severity 0 = clean) and, when matplotlib is
     installed, ``corruptions.png`` (errors per corruption and severity), both written atomically.
 
+    Args:
+        results: What :func:`evaluate_corruptions` returned.
+        folder: An existing folder the files go to; files of these names are replaced.
+
     Returns:
-        The files written.
+        The files written, the CSV first.
     """
     folder = Path(folder)
     text = io.StringIO()
@@ -260,9 +271,20 @@ def _plot(results: Dict) -> bytes:
 
 def corruption_robustness(cfg: TrainConfig, model: torch.nn.Module, eval_set: Dataset, accelerator,
                           out: Path) -> Optional[Dict]:
-    """The corruption evaluation of a run as its configuration asks (None when ``eval_corruptions`` is
-    'none'); every process calls it. The main process writes ``corruptions.csv`` / ``.png`` in ``out`` and
-    prints :func:`summary_line`."""
+    """The corruption evaluation of a run as its configuration asks; every process calls it.
+
+    The main process writes ``corruptions.csv`` / ``.png`` in ``out`` and prints :func:`summary_line`.
+
+    Args:
+        cfg: The run's configuration (``eval_corruptions``, its limit and severities, batch sizes).
+        model: The classifier, prepared or not.
+        eval_set: The evaluation set (see :func:`clean_images`).
+        accelerator: The run's Accelerator.
+        out: The folder of the report.
+
+    Returns:
+        :func:`evaluate_corruptions`'s results, or None when ``eval_corruptions`` names none.
+    """
     names = parse_corruptions(cfg.eval_corruptions)
     if not names:
         return None

@@ -16,14 +16,17 @@ import huggingface_hub
 import timm
 import torch
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+from timm.models import is_model_pretrained
 from timm.optim import list_optimizers
 
 from ..hooks.layers import resolve_moex_layer
 from ..hooks.moex import get_moex_hook
 from ..hooks.style import attach_dsu, attach_mixstyle
+from ..models import is_moex_variant
 from ..ops.moex import parse_norm
 from ..task.automix import parse_feature_layer, resolve_feature_layer
 from ..task.snapmix import cam_classifier
+from .builders import MOEX_VARIANT_KEYS, model_kwargs
 from .config import TrainConfig, check_values, parse_config, resolve_output_dir
 from .corruptions import parse_corruptions
 from .data import check_data_dir, device_loader_unsupported, resolve_data_defaults
@@ -44,6 +47,7 @@ def load_config(argv: Optional[Sequence[str]] = None, check_paths: bool = True) 
 
     Raises:
         ConfigError: The first value that cannot be used, naming the key.
+        DataError: The dataset is not under ``data_dir``.
     """
     return validate_config(parse_config(argv), check_paths=check_paths)
 
@@ -60,6 +64,7 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
 
     Raises:
         ConfigError: The first value that cannot be used, naming the key.
+        DataError: The dataset is not under ``data_dir`` (with ``check_paths``).
     """
     check_values(cfg)
     if not timm.is_model(cfg.model):
@@ -67,6 +72,11 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
             " (timm.list_models() lists the known names)"
         raise ConfigError(f'model: timm does not know {cfg.model!r}{hint}')
+    if cfg.pretrained and not is_model_pretrained(cfg.model) and \
+            not {'pretrained_cfg', 'pretrained_cfg_overlay'} & set(cfg.model_kwargs):
+        raise ConfigError(f'pretrained: timm has no pretrained weights for {cfg.model!r} (timm.list_pretrained() '
+                          'lists the models that have them); use --pretrained false, or --initial-checkpoint PATH '
+                          'to start from your own weights')
     if cfg.opt.lower().split('_')[-1] not in list_optimizers():
         close = difflib.get_close_matches(cfg.opt, list_optimizers(), n=3)
         raise ConfigError(f'opt: {cfg.opt!r} is not a timm optimizer; close names: {close} '
@@ -76,6 +86,10 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             parse_norm(cfg.moex_norm)
         except ValueError as e:
             raise ConfigError(f'moex_norm: {e}') from None
+    if cfg.compile and cfg.compile_mode != 'default' and cfg.compile_backend != 'inductor':
+        raise ConfigError(f"compile_mode: {cfg.compile_mode!r} is a mode of the inductor backend, not of "
+                          f"compile_backend {cfg.compile_backend!r}; drop --compile-mode or use --compile-backend "
+                          f"inductor")
     if cfg.moex_impl == 'triton' and cfg.compile:
         raise ConfigError("moex_impl: 'triton' cannot run under compile: true (torch.compile traces the PyTorch ops "
                           "and fuses them itself); use 'auto'")
@@ -125,6 +139,10 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             if not parent.is_dir():
                 raise ConfigError(f'output_dir: {str(parent)!r} is a file, not a folder, so {str(out)!r} cannot be '
                                   'created; pass another --output-dir')
+            if not os.access(parent, os.W_OK | os.X_OK):  # read-only: refused now, not as an OS error mid-run
+                made = 'written' if parent == out else 'created'
+                raise ConfigError(f'output_dir: {str(parent)!r} is not writable (permissions or a read-only file '
+                                  f'system), so {str(out)!r} cannot be {made}; pass an --output-dir you can write to')
             break
     if not cfg.eval_only and not cfg.resume and out.is_dir() and (
             any(out.glob('checkpoint-*')) or (out / 'results.json').exists()):
@@ -148,11 +166,21 @@ def _check_push_to_hub(repo_id: str) -> None:
 
 def _check_model_build(cfg: TrainConfig) -> None:
     """Build the model on the meta device (no memory, no weights) to check model_kwargs and moex_layer."""
+    given_twice = sorted(set(MOEX_VARIANT_KEYS) & set(cfg.model_kwargs))
+    if given_twice:
+        flag = '--' + given_twice[0].replace('_', '-')
+        raise ConfigError(f'model_kwargs: {given_twice} are keys of their own; give them as {flag} (or '
+                          f'{given_twice[0]}: in the YAML), not inside model_kwargs')
     try:
         with torch.device('meta'):
-            model = timm.create_model(cfg.model, num_classes=cfg.num_classes or 10, **cfg.model_kwargs)
+            model = timm.create_model(cfg.model, num_classes=cfg.num_classes or 10, **model_kwargs(cfg))
     except TypeError as e:
         raise ConfigError(f'model_kwargs: {cfg.model_kwargs!r} are not accepted by {cfg.model!r}: {e}') from None
+    except ValueError as e:  # a *_moex model's MoEx arguments, checked when its hook is made
+        if not is_moex_variant(cfg.model):
+            return
+        raise ConfigError(f'{cfg.model}: {(str(e).strip().splitlines() or [""])[0]} (the moex_layer / moex_norm / '
+                          f'moex_eps keys are its MoEx arguments)') from None
     except Exception:  # noqa: BLE001  a model that cannot be built on 'meta': checked when it is built
         return
     if cfg.snapmix:

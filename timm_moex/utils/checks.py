@@ -2,7 +2,9 @@
 import math
 from typing import Sequence, TypeVar
 
-__all__ = ['check_unit_interval', 'check_beta_alpha', 'check_choice']
+import torch
+
+__all__ = ['check_unit_interval', 'check_beta_alpha', 'check_choice', 'check_class_indices']
 
 T = TypeVar('T')
 
@@ -61,3 +63,27 @@ def check_choice(name: str, value: T, choices: Sequence[T]) -> T:
     if value not in choices:
         raise ValueError(f'{name} must be one of {choices}; got {value!r}')
     return value
+
+
+def check_class_indices(target: torch.Tensor, num_classes: int, source: str) -> None:
+    """Refuse a class index outside [0, num_classes), where that costs no device synchronization.
+
+    The check runs on CPU tensors in eager mode only: on CUDA, under vmap and inside
+    ``torch.compile`` reading a value back to the host would stall every step, so there the
+    caller's own handling stands (a NaN row, or the indexing's device-side assert).
+
+    Args:
+        target: Integer class indices.
+        num_classes: K.
+        source: What has the K classes, for the error message ('the logits', say).
+
+    Raises:
+        ValueError: A class index is negative or >= K.
+    """
+    if (target.device.type != 'cpu' or target.numel() == 0 or torch.compiler.is_compiling()
+            or torch._C._functorch.is_functorch_wrapped_tensor(target)):
+        return
+    bad = (target < 0) | (target >= num_classes)
+    if bad.any():
+        raise ValueError(f'target holds class index {target[bad][0].item()}, outside the {num_classes} classes of '
+                         f'{source}: class indices must be in 0..{num_classes - 1}')
