@@ -7,12 +7,12 @@
     python train_moex.py --help                                          # every key
 
 The script reads top to bottom: ``main`` (configuration, Accelerator, the run folder's lock), ``train``
-(data, model + MoEx hook, optimizer, prepare, scheduler / task / EMA, resume, the loop), ``train_one_epoch``
-and ``train_step`` (the training step, on one screen), then the helpers. Per epoch the loop writes a row of summary.csv and a
-checkpoint-<epoch> folder, and at the end model.safetensors (+ model_ema.safetensors) and results.json (with
-eval_corruptions, the final model's errors on corrupted copies of the eval set, also in corruptions.csv /
-.png), all in the run's output folder. What the loop builds on lives in ``timm_moex.train``: ``builders``
-(model, task), ``run_folder`` (lock, resume, divergence advice, Hub push), ``checkpoint``, ``data``.
+(data, model + MoEx hook, optimizer, prepare, scheduler / task / EMA, resume, the loop), ``train_one_epoch`` and
+``train_step`` (the training step, on one screen), then the helpers. Per epoch the loop writes a row of
+summary.csv and a checkpoint-<epoch> folder, and at the end model.safetensors (+ model_ema.safetensors) and
+results.json (with eval_corruptions, the final model's errors on corrupted copies of the eval set, also in
+corruptions.csv / .png), all in the run's output folder. What the loop builds on lives in ``timm_moex.train``:
+``builders`` (model, task), ``run_folder`` (lock, resume, divergence advice, Hub push), ``checkpoint``, ``data``.
 
 MoEx with Mixup / CutMix: timm's Mixup pairs sample i with sample B-1-i. MoEx then uses that
 same pairing (perm = B-1-i) instead of a random permutation, and MoExLoss permutes the soft
@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -34,6 +35,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Tuple
+
+_NOT_STARTED = 'before the run started: nothing was trained; run the same command again'
+
+
+def _interrupted_while_loading(signum, frame):
+    """Ctrl-C while the imports below load: the line :func:`cli` prints for a Ctrl-C before the run, exit 130."""
+    if os.environ.get('RANK', '0') in ('', '0'):  # under DDP every process stops, one reports
+        print(f'train_moex.py: interrupted (Ctrl-C) {_NOT_STARTED}', file=sys.stderr, flush=True)
+    os._exit(130)  # Interrupted.exit_code; nothing is written yet, and an exception would unwind through the imports
+
+
+# Ctrl-C in the seconds torch and timm take to load would end in a traceback of the import machinery.
+_LOADING_HANDLER = threading.current_thread() is threading.main_thread() and \
+    signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not where SIGINT is ignored (a background job)
+if _LOADING_HANDLER:
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
 
 import torch
 import torch.nn as nn
@@ -61,6 +78,9 @@ from timm_moex.train.model_folder import write_model_folder
 from timm_moex.train.robustness import corruption_robustness
 from timm_moex.train.run_folder import SavedRun, apply_resume, check_resume, diverged, own_run_folder, push_run, \
     record_resume
+
+if _LOADING_HANDLER:  # loaded: Python's handler again, for the run's own Ctrl-C handling and for an importer
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: Optional[list] = None):
@@ -144,7 +164,7 @@ def train(cfg: TrainConfig, out: Path, accelerator: Accelerator, saved: SavedRun
     # ---- model (+ MoEx hook) ----
     model = create_model(cfg, num_classes)
     trial_forward(cfg, model, accelerator)
-    if cfg.initial_checkpoint and not cfg.eval_only:  # fine-tuning: a classifier of another class count is re-initialized
+    if cfg.initial_checkpoint and not cfg.eval_only:  # fine-tuning: another class count's classifier is new
         accelerator.print(load_initial_weights(model, cfg.initial_checkpoint))
     if cfg.eval_only:
         return evaluate_only(cfg, model, eval_set, eval_loader, accelerator, out)
@@ -453,8 +473,7 @@ def cli(argv: Optional[list] = None) -> int:
         if debug:
             traceback.print_exc()
         if report:
-            print(f'train_moex.py: {_STOPPED[stop]} before the run started: nothing was trained; run the same '
-                  'command again', file=sys.stderr)
+            print(f'train_moex.py: {_STOPPED[stop]} {_NOT_STARTED}', file=sys.stderr)
         return stop.exit_code
     return 0
 

@@ -3,19 +3,18 @@
 # limit, so one slow step (a long compile) cannot use up the others' time; the steps' outputs go to
 # $OUT if it is set, else runs/gpu_checks.
 #
-#   bash benchmarks/gpu_checks.sh                                   # tests moex-op speed-resnet18: <= 8 min
-#   bash benchmarks/gpu_checks.sh speed-pyramidnet compile-pyramidnet # the PyramidNet-200 figures: <= 9 min
-#   bash benchmarks/gpu_checks.sh tests pyramidnet-step              # the paper's recipe side by side: <= 6 min
-#   bash benchmarks/gpu_checks.sh pyramidnet-step-compile            # the same, compiled (cudagraphs): <= 5 min
+#   bash benchmarks/gpu_checks.sh                         # tests pyramidnet-step moex-op: <= 7.5 min
+#   bash benchmarks/gpu_checks.sh speed-resnet18 pyramidnet-step-compile   # whole runs; compiled: <= 8.5 min
+#   bash benchmarks/gpu_checks.sh speed-pyramidnet compile-pyramidnet      # PyramidNet-200 on CIFAR: <= 9 min
 #
-# The limits add up to less than 10 minutes for either of the first two lines, less than 8 for the last two.
+# Each line's limits add up to less than 10 minutes of GPU time.
 #
 # Needs: timm with timm.task (pip install a newer timm wheel, e.g. from .whl/, where the installed one is
 # older); CIFAR-10 as JPEG in data/cifar10, or its archive at data/cifar10_jpeg.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests moex-op speed-resnet18)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests pyramidnet-step moex-op)
 KNOWN=" tests moex-op speed-resnet18 speed-pyramidnet compile-resnet18 compile-pyramidnet pyramidnet-step pyramidnet-step-compile "
 for s in "${STEPS[@]}"; do
     if [[ "$KNOWN" != *" $s "* ]]; then
@@ -71,11 +70,12 @@ for s in "${STEPS[@]}"; do
             --only moex-pyramidnet --repeats 1 --log "$OUT/speed.txt" ;;
         compile-resnet18) step 240 compile-resnet18 python benchmarks/bench_train_speed.py --data-dir data/cifar10 \
             --only moex-resnet18 --repeats 1 --compile-moex --compile-mode reduce-overhead --log "$OUT/speed.txt" ;;
-        # The 3x goal: the paper-code setup against train_moex.py compiled (compiling PyramidNet-200 is most of it).
+        # The paper-code setup against train_moex.py compiled (compiling PyramidNet-200 is most of it).
         compile-pyramidnet) step 330 compile-pyramidnet python benchmarks/bench_train_speed.py --data-dir data/cifar10 \
             --only compile --log "$OUT/speed.txt" ;;
-        # Goals 1-3 on a synthetic batch (no data needed): the authors' training step against the MoEx task in fp32
-        # and in bf16 + channels_last, PyramidNet-200 at batch 64; about 100 s (4 models, cuDNN autotuning, 3 x 60 steps).
+        # The paper's recipe on a synthetic batch (no data needed): the authors' training step against the MoEx
+        # task in fp32 and in bf16 + channels_last, PyramidNet-200 at batch 64; about 100 s (4 models, cuDNN
+        # autotuning, 3 x 60 steps).
         pyramidnet-step) step 180 pyramidnet-step python benchmarks/bench_pyramidnet_step.py --steps 20 --repeats 3 ;;
         # The bf16 arm compiled with dynamo's cudagraphs backend (no code generation); the table's "first steps" is
         # the launch-to-first-step time with the compilation of both graphs (MoEx and plain).

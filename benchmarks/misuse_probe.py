@@ -21,7 +21,7 @@ weights, (d) datasets, (e) the Python API, in one worker process, (f) ``moex-tim
 (``python -m timm_moex.train.timm_train``; timm's ``train.py`` is named by $TIMM_TRAIN_PY, the family is skipped
 without it), (g) signals and ``accelerate launch -q``. Most cases fail in the configuration check before any
 training; the others train for an epoch or two on 32 images (scikit-learn's digits, offline, or an ImageFolder
-generated in a temporary folder). Not run by CI: about half an hour on 2 CPU cores.
+generated in a temporary folder). Not run by CI: about 20 minutes on 2 CPU cores.
 
     python benchmarks/misuse_probe.py --out probe.md          # every case; the report as markdown
     python benchmarks/misuse_probe.py --family a,e --jobs 2
@@ -43,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import date
@@ -178,7 +177,8 @@ def classify(expect: str, names: Sequence[str], prog: str, rc: Optional[int], st
         expect: 'error', 'ok' or 'either'.
         names: Substrings the error line must hold.
         prog: The program name the error line starts with (``<prog>: ...``).
-        rc: The exit code (None when killed).
+        rc: The exit code (None when killed at the timeout; -N when killed by signal N, which a shell shows as
+            128 + N).
         stderr: What the command wrote on stderr.
         stdout: What it wrote on stdout (searched for a traceback too).
         timed_out: Whether it ran past its timeout.
@@ -223,8 +223,9 @@ def classify(expect: str, names: Sequence[str], prog: str, rc: Optional[int], st
     missing = missing_names(own[0], names)
     if missing:
         return 'unclear', f'the line does not name {", ".join(repr(m) for m in missing)}'
-    if codes and rc not in codes:
-        return 'unclear', f'exit code {rc}, the README says {" or ".join(map(str, codes))}'
+    status = 128 - rc if rc is not None and rc < 0 else rc  # killed by signal N: the shell's $? is 128 + N
+    if codes and status not in codes:
+        return 'unclear', f'exit code {status}, the README says {" or ".join(map(str, codes))}'
     return 'good', ''
 
 
@@ -314,16 +315,19 @@ def substitute(cmd: Sequence[str], tmp: Path, fx: 'Fixtures') -> List[str]:
 
 
 def display(case: Case) -> str:
-    """The case's command as a user would type it, with short names for the temporary folders."""
-    values = {'{python}': 'python', '{train}': 'train_moex.py', '{tmp}': '$TMP', '{fx}': '$FX',
+    """The case's command as a user would type it in the case's folder (where it runs), the shared files in $FX."""
+    values = {'{python}': 'python', '{train}': 'train_moex.py', '{tmp}/': '', '{tmp}': '.', '{fx}': '$FX',
               '{timm_train}': f'${TIMM_TRAIN_ENV}', '{root}': '.'}
     parts = []
     for arg in case.cmd:
         for key, value in values.items():
             arg = arg.replace(key, value)
-        parts.append(arg)
-    env = ' '.join(f'{k}={v}' for k, v in case.env.items() if v is not None and not v.startswith('{'))
-    return (env + ' ' if env else '') + shlex.join(parts)
+        if arg == _HOOK_NORM:
+            arg = '<moex-timm-train, printing the norm of the hook that ran>'
+        parts.append(arg if re.fullmatch(r'[\w@%+=:,./$-]+', arg) else shlex.quote(arg))
+    env = ' '.join(f'{k}={v.replace("{tmp}/", "")}' for k, v in case.env.items() if v is not None)
+    unset = ' '.join(f'-u {k}' for k, v in case.env.items() if v is None)
+    return (f'env {unset} ' if unset else '') + (env + ' ' if env else '') + ' '.join(parts)
 
 
 def _last_line(text: str) -> str:
@@ -694,7 +698,8 @@ def _family_a() -> List[Case]:
         _cli('a-bf16-on-cpu', 'bf16 on a CPU trains and records bf16', ['--mixed-precision', 'bf16'], expect='ok',
              check=_expect_files('results.json', results=dict(mixed_precision='bf16'))),
         # sizes
-        _cli('a-img-size-tiny', 'an image size the model cannot take (2 px)', ['--img-size', '2'], ['img_size', '2']),
+        _cli('a-img-size-vit', 'a ViT made for 224 px on 40 px images', ['--model', 'vit_tiny_patch16_224',
+             '--img-size', '40'], ['img_size', '40'], codes=cfg),
         _cli('a-batch-above-train-set', 'a batch larger than the training set', ['--batch-size', '64'],
              ['batch_size', '64']),
         _cli('a-num-classes-too-few', '--num-classes 3 for the 10 digit classes', ['--num-classes', '3'],
@@ -708,7 +713,9 @@ def _family_a() -> List[Case]:
         _cli('a-help', '--help lists the keys', ['--help'], expect='ok', fast=False,
              check=_help_lists('--moex-prob')),
         _cli('a-debug-traceback', '--debug with a bad value shows the traceback (asked for)',
-             ['--lr', 'abc', '--debug'], expect='error', check_error=_debug_shows_traceback),
+             ['--epochs', '0', '--debug'], expect='error', check_error=_debug_shows_traceback),
+        _cli('a-debug-env-traceback', 'TIMM_MOEX_DEBUG=1 with a value of the wrong type shows the traceback',
+             ['--lr', 'abc'], expect='error', env={'TIMM_MOEX_DEBUG': '1'}, check_error=_debug_shows_traceback),
     ]
     # --config files
     cases += [
@@ -1244,8 +1251,9 @@ def _family_e() -> List[Case]:
         _api('e-mx-perm-short', 'moment_exchange(x (4 samples), perm=[1, 0])', lambda: mx(_x(), _perm(1, 0)), ['perm']),
         _api('e-mx-perm-out-of-range', 'moment_exchange(x, perm=[0, 1, 2, 7])', lambda: mx(_x(), _perm(0, 1, 2, 7)),
              ['perm']),
-        _api('e-mx-perm-negative', 'moment_exchange(x, perm=[-1, 0, 1, 2])', lambda: mx(_x(), _perm(-1, 0, 1, 2)),
-             ['perm']),
+        _api('e-mx-perm-negative', 'moment_exchange(x, perm=[-1, 0, 1, 2]) counts -1 from the end, as documented',
+             lambda: mx(_x(), _perm(-1, 0, 1, 2)), expect='ok',
+             check=lambda v: None if L.torch.allclose(v, mx(_x(), _perm(-1, 0, 1, 2) % 4)) else 'not perm % B'),
         _api('e-mx-perm-float', 'moment_exchange(x, perm=float tensor)', lambda: mx(_x(), _perm().float()), ['perm']),
         _api('e-mx-perm-2d', 'moment_exchange(x, perm of shape (1, 4))', lambda: mx(_x(), _perm()[None]), ['perm']),
         _api('e-mx-perm-meta', "moment_exchange(x, perm on the 'meta' device)", lambda: mx(_x(), _perm().to('meta')),
@@ -1603,7 +1611,7 @@ def _signal_runner(sig: int, after: str, resume: bool = True, twice: bool = Fals
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 proc.communicate()
-                return 'hang', f'no exit within 120 s of the signal', ''
+                return 'hang', 'no exit within 120 s of the signal', ''
         finally:
             if proc.poll() is None:
                 _kill_group(proc)
@@ -1857,6 +1865,10 @@ def main() -> None:
     parser.add_argument('--api-timeout', type=float, default=120, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault('OMP_NUM_THREADS', '1')
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # started in the background (nohup ... &): the commands must take Ctrl-C as they do in a terminal, and an
+        # ignored signal stays ignored across exec, a handled one does not
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.api_worker:
         api_worker(args.api_worker.split(','), args.api_out, args.api_timeout)
         return

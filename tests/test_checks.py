@@ -2,8 +2,14 @@
 import math
 
 import pytest
+import torch
 
-from timm_moex.utils.checks import check_beta_alpha, check_choice, check_unit_interval
+import timm_moex.hooks.moex
+import timm_moex.loss.moex
+import timm_moex.ops.moex
+import timm_moex.ops.moments
+from timm_moex.utils.checks import (check_beta_alpha, check_choice, check_eps, check_model, check_perm,
+                                    check_unit_interval)
 
 
 @pytest.mark.parametrize('value', [0, 0.0, 0.25, 1, 1.0])
@@ -35,3 +41,19 @@ def test_choice_returns_the_value_or_names_the_choices():
     assert check_choice('mix', 'random', ('random', 'crossdomain')) == 'random'
     with pytest.raises(ValueError, match=r"^mix must be one of \('random', 'crossdomain'\); got 'crossdomian'$"):
         check_choice('mix', 'crossdomian', ('random', 'crossdomain'))
+
+
+def test_model_returns_a_module_and_suggests_building_one():
+    model = torch.nn.Linear(2, 2)
+    assert check_model(model) is model
+    for value, shown in [(3, 'int 3'), ('', "str ''")]:
+        with pytest.raises(TypeError, match=rf"^model must be a torch.nn.Module; got {shown}: build it first, e.g. "
+                                            r"timm.create_model\('resnet50'\)$"):
+            check_model(value)
+
+
+def test_the_operations_the_loss_and_the_hook_share_one_perm_check_and_one_eps_check():
+    assert timm_moex.ops.moments.check_perm is timm_moex.ops.moex.check_perm is timm_moex.loss.moex.check_perm \
+        is check_perm
+    assert timm_moex.ops.moments.check_eps is timm_moex.ops.moex.check_eps is timm_moex.hooks.moex.check_eps \
+        is check_eps

@@ -62,6 +62,18 @@ def test_effective_config_round_trips(tmp_path):
     (['--batch-size', '0'], r'batch_size: must be positive, got 0'),
     (['--mixed-precision', 'fp8'], r"mixed_precision: 'fp8' is not one of no, fp16, bf16"),
     (['--auto-augment', 'autoaug'], r"auto_augment: 'autoaug' is not a timm policy string"),
+    (['--auto-augment', 'rand-foo'], r"auto_augment: 'rand-foo' is not a timm policy string nor 'cifar10': "
+                                     r"RandAugment does not read the section 'foo' \(timm would skip it\); its "
+                                     r"sections are m<int>, n<int>, p<float>, mstd<float>, mmax<int>, inc<0\|1>, t<"),
+    (['--auto-augment', 'augmix-m5-x2'], r"AugMix does not read the section 'x2'.*its sections are m<int>, w<int>"),
+    (['--auto-augment', 'original-mstd.5'], r"AutoAugment does not read the section 'mstd.5'"),
+    (['--auto-augment', 'rand-tfoo'], r"RandAugment does not read the section 'tfoo'"),
+    (['--auto-augment', 'rand-m9x'], r"auto_augment: 'rand-m9x' is not a timm policy string nor 'cifar10': invalid "
+                                     r"literal for int\(\)"),
+    (['--opt-kwargs', '{bogus_arg: 1}'], r"^opt_kwargs: \{'bogus_arg': 1\} are not accepted by 'sgd': .*unexpected "
+                                         r"keyword argument 'bogus_arg'$"),
+    (['--opt', 'adamw', '--opt-kwargs', '{eps: -1}'], r"^opt_kwargs: \{'eps': -1\} are not accepted by 'adamw': "
+                                                      r"Invalid epsilon value: -1$"),
     (['--opt', 'sdg'], r"opt: 'sdg' is not a timm optimizer; close names: \['sgd'"),
     (['--lr'], r'--lr needs a value'),
     (['--moex', '--moex-layer', 'layer9'], r"moex_layer: layer='layer9' is not a module of ResNet"),
@@ -80,6 +92,17 @@ def test_bad_values_are_refused_with_key_value_and_what_is_accepted(argv, match)
         load_config(argv, check_paths=False)
 
 
+@pytest.mark.parametrize('policy', ['cifar10', 'rand-m9-mstd0.5', 'rand-m5-mstd0.5-inc1', 'rand-mstd1-tweights',
+                                    'rand', 'original', 'original-mstd0.5', 'v0', 'augmix-m5-w4-d2'])
+def test_timm_policy_strings_and_cifar10_are_accepted(policy):
+    assert load_config(['--auto-augment', policy], check_paths=False).auto_augment == policy
+
+
+def test_optimizer_arguments_it_takes_are_accepted():
+    cfg = load_config(['--opt', 'adamw', '--opt-kwargs', '{betas: [0.9, 0.99], eps: 1.0e-6}'], check_paths=False)
+    assert cfg.opt_kwargs == {'betas': [0.9, 0.99], 'eps': 1e-6}
+
+
 def test_unknown_yaml_key_names_file_and_suggests(tmp_path):
     f = write_yaml(tmp_path / 'bad.yaml', model='resnet10t', wieght_decay=1e-4)
     with pytest.raises(ConfigError, match=r"unknown config key 'wieght_decay' \(.*bad.yaml\); did you mean "
@@ -93,6 +116,26 @@ def test_yaml_must_be_a_mapping(tmp_path):
         load_config(['--config', str(tmp_path / 'list.yaml')], check_paths=False)
     with pytest.raises(ConfigError, match='no such file'):
         load_config(['--config', str(tmp_path / 'missing.yaml')], check_paths=False)
+
+
+@pytest.mark.parametrize('content, problem', [
+    (b'epochs: [1, 2\n', r"\(line 2, column 1: expected ',' or '\]', but got '<stream end>'\)$"),
+    (b'model: resnet10t\n\tepochs: 1\n', r"\(line 2, column 1: found character '\\t' that cannot start any token\)$"),
+    (bytes(range(256)) * 4, r'is not a text file \(.*, position \d+\)$'),
+], ids=['unclosed-list', 'tab', 'binary'])
+def test_a_yaml_file_that_cannot_be_read_is_one_line_naming_the_place(tmp_path, content, problem):
+    """A syntax error names its line and column, a binary file is called one (it used to be a UnicodeDecodeError),
+    in one line, for --config and for a run folder's config.yaml alike."""
+    path = tmp_path / 'c.yaml'
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_config(['--config', str(path)], check_paths=False)
+    assert '\n' not in str(e.value) and re.match(rf"config: '{re.escape(str(path))}' is ", str(e.value)), e.value
+    assert re.search(problem, str(e.value)), e.value
+    with pytest.raises(ConfigError) as e:
+        read_run_config(path)
+    assert '\n' not in str(e.value) and str(e.value).startswith(f"resume: '{path}' is "), e.value
+    assert str(e.value).endswith('start a new run in another --output-dir'), e.value
 
 
 def test_config_that_is_a_folder_says_so(tmp_path):

@@ -209,6 +209,40 @@ def test_bad_attach_arguments():
         attach_moex(torch.compile(make('resnet18')[0]))
 
 
+RESNET_MODULES = r"\['conv1', 'bn1', 'act1', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4', 'global_pool', 'fc'\]"
+
+
+@pytest.mark.parametrize('attach', [lambda model, layer: attach_moex(model, layer=layer), MoExHook,
+                                    resolve_moex_layer])
+def test_an_empty_layer_is_no_module(attach):
+    """get_submodule('') is the model itself: attach_moex hooked the whole model's output before."""
+    model, _ = make('resnet18')
+    with pytest.raises(ValueError, match=r"^layer='' is not a module of ResNet; use 'stem' or a dotted module name. "
+                                         r"Its top-level modules are " + RESNET_MODULES + '$'):
+        attach(model, '')
+    assert not model._forward_hooks
+
+
+def test_the_hook_class_names_an_unknown_layer_and_finds_the_stem():
+    """An AttributeError from get_submodule before; the hook takes 'stem' as attach_moex does."""
+    model, _ = make('resnet18')
+    with pytest.raises(ValueError, match=r"^layer='layer9' is not a module of ResNet; use 'stem' or a dotted module "
+                                         r"name. Its top-level modules are " + RESNET_MODULES + '$'):
+        MoExHook(model, 'layer9')
+    hook = MoExHook(model, 'stem')
+    assert hook.layer == 'maxpool' and hook.attached and model.maxpool._forward_hooks
+
+
+@pytest.mark.parametrize('call', [attach_moex, get_moex_hook, strip_moex, lambda model: MoExHook(model, 'stem')])
+@pytest.mark.parametrize('model, shown', [('resnet18', "str 'resnet18'"), (None, 'NoneType None')])
+def test_a_model_that_is_no_module_is_refused_by_type(call, model, shown):
+    """attach_moex('resnet18') raised AttributeError, strip_moex(None) returned None."""
+    name = model or 'resnet50'
+    with pytest.raises(TypeError, match=rf"^model must be a torch.nn.Module; got {shown}: build it first, e.g. "
+                                        rf"timm.create_model\('{name}'\)$"):
+        call(model)
+
+
 def test_model_without_a_known_stem():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
     with pytest.raises(ValueError, match=r"Pass layer=.*\['0', '1'\]"):

@@ -29,6 +29,8 @@ def test_classify_command_outcomes(probe):
     assert classify('error', ['lr'], PROG, rc=2, stderr='UserWarning: x\n' + CLEAN)[0] == 'unclear'
     assert classify('error', ['lr'], PROG, rc=2, stderr="lr: expected a number, got 'abc'\n")[0] == 'unclear'
     assert classify('error', ['lr'], PROG, rc=1, stderr=CLEAN, codes=(2,))[0] == 'unclear'
+    # killed by SIGINT after its line: the shell shows 130
+    assert classify('error', [], PROG, rc=-2, stderr='train_moex.py: interrupted\n', codes=(130,)) == ('good', '')
     # a launcher's own notice can be left out
     notice = 'The following values were not passed to `accelerate launch` and had defaults used instead:\n'
     assert classify('error', ['lr'], PROG, rc=1, stderr=notice + CLEAN, ignore=probe.ACCELERATE_NOTICE)[0] == 'good'

@@ -416,6 +416,53 @@ def test_resume_needs_the_run_folders_config_yaml(tmp_path):
     assert run_folder.check_resume(cfg, out) == (cfg.to_dict(), {})
 
 
+def test_resume_auto_without_a_checkpoint_says_it_starts_a_new_run(tmp_path, capsys):
+    """--resume auto starts a run where there is none (one command starts and restarts a job), but not silently: a
+    mistyped --output-dir would otherwise train from scratch without a word."""
+    out = tmp_path / 'run'
+    said = f'resume: auto found no checkpoint in {out}: starting a new run\n'
+    cfg = load_config(['--resume', 'auto', '--output-dir', str(out)], check_paths=False)
+    assert run_folder.check_resume(cfg, out) == (None, {})
+    assert capsys.readouterr().out == said
+    save_config(cfg, out / 'config.yaml')  # a run stopped in its first epoch: its settings, no checkpoint yet
+    run_folder.check_resume(cfg, out)
+    assert capsys.readouterr().out == said
+    (out / 'checkpoint-1').mkdir()
+    assert run_folder.check_resume(cfg, out) == (cfg.to_dict(), {})
+    assert capsys.readouterr().out == ''
+
+
+# Runs train_moex.py as __main__ and sends SIGINT to itself when it first imports torch, as Ctrl-C in the seconds
+# the imports take would: deterministic, and done before anything slow is loaded.
+_CTRL_C_WHILE_LOADING = """
+import builtins, os, runpy, signal, sys
+real_import = builtins.__import__
+def importing(name, *args, **kwargs):
+    if name == 'torch':
+        os.kill(os.getpid(), signal.SIGINT)
+        raise SystemExit(3)  # the signal did not stop the script
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = importing
+runpy.run_path(sys.argv[1], run_name='__main__')
+"""
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT to a child process')
+def test_ctrl_c_while_the_imports_load_is_one_line():
+    """Ctrl-C before cli() runs used to end in a KeyboardInterrupt traceback from the import machinery."""
+    command = [sys.executable, '-c', _CTRL_C_WHILE_LOADING, str(ROOT / 'train_moex.py')]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == Interrupted.exit_code, proc.stderr
+    assert proc.stderr == ('train_moex.py: interrupted (Ctrl-C) before the run started: nothing was trained; run the '
+                           'same command again\n') and proc.stdout == ''
+    # A SIGINT the shell ignores (a background job) stays ignored.
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert (proc.returncode, proc.stderr) == (3, '')
+    # Loaded, the module leaves Python's handler: the run's Ctrl-C handling, and an importer's, are unchanged.
+    assert signal.getsignal(signal.SIGINT) is not train_moex._interrupted_while_loading
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT to a child process')
 def test_ctrl_c_says_how_to_resume(args, tmp_path):

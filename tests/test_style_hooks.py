@@ -441,6 +441,15 @@ def test_bad_attach_arguments():
         attach_dsu(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()))
 
 
+
+@pytest.mark.parametrize('attach', [attach_mixstyle, attach_dsu])
+def test_a_model_name_is_refused_by_type(attach):
+    """An AttributeError from inside the layer lookup before."""
+    with pytest.raises(TypeError, match=r"^model must be a torch.nn.Module; got str 'resnet18': build it first, "
+                                        r"e.g. timm.create_model\('resnet18'\)$"):
+        attach('resnet18')
+
+
 def test_one_by_one_maps_are_left_alone_with_a_warning():
     model, x = make(size=32)  # resnet18's layer4 gives 1x1 maps at 32 px
     freeze_batch_stats(model)

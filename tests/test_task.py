@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 import timm
@@ -44,6 +45,37 @@ def test_loss_refuses_a_perm_of_another_length_in_one_line(perm):
         MoExLoss(torch.nn.CrossEntropyLoss())(out, target, perm, 0.5)
     assert str(err.value) == ('perm must have shape (6,), one donor index per sample of the batch; '
                               f'got shape {tuple(perm.shape)}')
+
+
+
+@pytest.mark.parametrize('perm, message', [
+    ([0, 1, 2, 9], 'perm[3] = 9 is not a sample of the batch of 4'),
+    ([-5, 1, 2, 0], 'perm[0] = -5 is not a sample of the batch of 4'),
+])
+def test_loss_refuses_a_donor_index_out_of_range_naming_perm(perm, message):
+    """An IndexError that did not name perm before."""
+    with pytest.raises(ValueError, match='^' + re.escape(message) + r': donor indices must be in 0\.\.3 '
+                                         r'\(or -4\.\.-1, from the end\)$'):
+        MoExLoss(torch.nn.CrossEntropyLoss())(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.tensor(perm), 0.5)
+
+
+def test_loss_refuses_a_perm_that_is_no_integer_tensor():
+    """A boolean perm selected targets as a mask before, and the criterion failed on their count."""
+    loss = MoExLoss(torch.nn.CrossEntropyLoss())
+    out, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(TypeError, match=r'^perm must hold integer indices \(torch.int64 or torch.int32\); got '
+                                        r'torch.bool$'):
+        loss(out, target, torch.tensor([True, False, True, False]), 0.5)
+    with pytest.raises(TypeError, match=r'^perm must be a tensor of sample indices; got list$'):
+        loss(out, target, [1, 0, 3, 2], 0.5)
+
+
+@pytest.mark.parametrize('criterion, shown', [('ce', "str 'ce'"), (None, 'NoneType None')])
+def test_loss_refuses_a_criterion_that_is_not_callable_when_made(criterion, shown):
+    """A string failed only when called before, with "'str' object is not callable"."""
+    with pytest.raises(TypeError, match=r'^criterion must be a callable loss\(output, target\), e.g. '
+                                        rf'torch.nn.CrossEntropyLoss\(\); got {shown}$'):
+        MoExLoss(criterion)
 
 
 def test_loss_hard_labels_by_hand():

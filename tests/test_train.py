@@ -376,6 +376,38 @@ def test_digits_split_is_fixed_and_real():
     assert DigitsDataset(True).targets == train.targets  # same split every time
 
 
+def test_a_failed_cifar_download_is_a_data_error_and_leaves_no_partial_archive(tmp_path, monkeypatch):
+    """Offline, torchvision's download ended in urllib's URLError traceback; a cut download left part of the archive
+    where the next download would look for it."""
+    import urllib.error
+    import urllib.request
+    from torchvision.datasets import cifar
+    from timm_moex.train import load_config
+    from timm_moex.train.data import create_datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(OSError(101, 'Network is unreachable'))
+
+    monkeypatch.setattr(urllib.request, 'urlopen', offline)
+    data = tmp_path / 'data'
+    cfg = load_config(['--dataset', 'cifar10', '--data-dir', str(data), '--download', 'true'], check_paths=False)
+    with pytest.raises(DataError) as e:
+        create_datasets(cfg)
+    assert str(e.value) == (f'cifar10: the download failed ([Errno 101] Network is unreachable): download it while '
+                            f'online, or put the dataset in {data}')
+    assert e.value.exit_code == DataError.exit_code
+
+    def cut(url, root, filename, md5):
+        with open(os.path.join(root, filename), 'wb') as f:
+            f.write(b'part of the archive')
+        raise ConnectionResetError(104, 'Connection reset by peer')
+
+    monkeypatch.setattr(cifar, 'download_and_extract_archive', cut)
+    with pytest.raises(DataError, match=r'^cifar10: the download failed \(\[Errno 104\] Connection reset by peer\)'):
+        create_datasets(cfg)
+    assert os.listdir(data) == []
+
+
 def test_cifar_recipe_transforms(tmp_path):
     from timm_moex.train import load_config
     from timm_moex.train.data import Cutout, create_transforms

@@ -118,7 +118,7 @@ def test_moex_with_prob_below_one_reports_the_fraction_it_ran(recorded, run_args
     ran = [bool(result['moex']) for *_, result in calls]
     assert 0 < sum(ran) < len(ran)  # this seed draws both outcomes, so a wrong count shows
     assert float(rows[0]['train_moex_frac']) == pytest.approx(sum(ran) / len(ran))
-    assert calls[0][0].prob == 0.5
+    assert calls[0][0].moex.prob == 0.5
 
 
 @pytest.mark.parametrize('extra, task_class', [

@@ -88,6 +88,17 @@ def _stem_from_group_matcher(model: nn.Module) -> Optional[str]:
     return found
 
 
+def _has_module(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a module of ``model``: ``get_submodule('')`` is the model itself, not one of them."""
+    if name == '':
+        return False
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def resolve_moex_layer(model: nn.Module, layer: str = 'stem') -> str:
     """The dotted name of the module whose output MoEx changes.
 
@@ -101,7 +112,8 @@ def resolve_moex_layer(model: nn.Module, layer: str = 'stem') -> str:
         The dotted module name.
 
     Raises:
-        ValueError: The stem cannot be found, or ``layer`` is not a module of the model.
+        ValueError: The stem cannot be found, or ``layer`` is not a module of the model (the
+            empty name, which ``get_submodule`` reads as the whole model, included).
     """
     model = unwrap_model(model)
     if layer == 'stem' and isinstance(model, FeatureGetterNet):
@@ -122,10 +134,8 @@ def resolve_moex_layer(model: nn.Module, layer: str = 'stem') -> str:
                 f"group_matcher()['stem']. Pass layer= one of its modules, e.g. one of "
                 f"{top_level_names(model)}")
         return name
-    try:
-        model.get_submodule(layer)
-    except AttributeError:
+    if not _has_module(model, layer):
         raise ValueError(
             f"layer={layer!r} is not a module of {type(model).__name__}; use 'stem' or a dotted module name. "
-            f"Its top-level modules are {top_level_names(model)}") from None
+            f"Its top-level modules are {top_level_names(model)}")
     return layer

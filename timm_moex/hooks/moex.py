@@ -8,7 +8,7 @@ from timm.layers import convert_sync_batchnorm as _timm_convert_sync_batchnorm
 from timm.models._features import FeatureGetterNet
 
 from ..ops.moex import check_impl, exchange_parsed, parse_norm
-from ..ops.moments import check_eps
+from ..utils.checks import check_eps, check_model
 from ..utils.model import unwrap_model
 from .layers import resolve_moex_layer
 
@@ -32,8 +32,9 @@ class MoExHook:
     ``impl`` may be changed, and is checked when it is); each forward checks only its tensors.
 
     Args:
-        model: The model that holds the module.
-        layer: Dotted name of the module whose output is changed.
+        model: The model that holds the module (DDP / DataParallel wrappers are opened).
+        layer: ``'stem'`` or the dotted name of the module whose output is changed (see
+            :func:`resolve_moex_layer`).
         norm: Which moments are exchanged (see ``moment_exchange``).
         eps: Added to the variance inside the square root; >= 0.
         detach: Stop gradients through the donor's moments.
@@ -58,10 +59,11 @@ class MoExHook:
             channel_dim: Optional[int] = None,
             impl: str = 'auto',
     ):
+        model = unwrap_model(check_model(model))
         self._norm_spec = parse_norm(norm)
         check_eps(eps)
         self.impl = impl
-        self.layer = layer
+        self.layer = layer = resolve_moex_layer(model, layer)
         self._norm = norm
         self.eps = eps
         self.detach = detach
@@ -200,8 +202,10 @@ def attach_moex(
         The hook, also kept on the model (see :func:`get_moex_hook`).
 
     Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
         ValueError: ``model`` is compiled or already has a hook, or ``layer`` cannot be found.
     """
+    check_model(model)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise ValueError(
             'attach_moex got a torch.compile()d model: a hook added after compiling is not traced. '
@@ -210,8 +214,7 @@ def attach_moex(
     existing = getattr(model, _HOOK_ATTR, None)
     if existing is not None:
         raise ValueError(f'{type(model).__name__} already has {existing}; call .remove() on it first')
-    hook = MoExHook(model, resolve_moex_layer(model, layer), norm=norm, eps=eps, detach=detach, channel_dim=channel_dim,
-                    impl=impl)
+    hook = MoExHook(model, layer, norm=norm, eps=eps, detach=detach, channel_dim=channel_dim, impl=impl)
     setattr(model, _HOOK_ATTR, hook)
     return hook
 
@@ -224,8 +227,11 @@ def get_moex_hook(model: nn.Module) -> Optional[MoExHook]:
 
     Returns:
         Its hook, or None when it has none.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
     """
-    return getattr(unwrap_model(model), _HOOK_ATTR, None)
+    return getattr(unwrap_model(check_model(model)), _HOOK_ATTR, None)
 
 
 def strip_moex(model: nn.Module) -> nn.Module:
@@ -242,8 +248,11 @@ def strip_moex(model: nn.Module) -> nn.Module:
 
     Returns:
         The plain model (the one inside DDP / DataParallel / torch.compile wrappers).
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
     """
-    model = unwrap_model(model)
+    model = unwrap_model(check_model(model))
     hook = getattr(model, _HOOK_ATTR, None)
     if hook is not None:
         hook.remove()

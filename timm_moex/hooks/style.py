@@ -19,7 +19,7 @@ from timm.models import FeatureDictNet, FeatureGraphNet, FeatureHookNet
 from timm.models._features import FeatureGetterNet
 
 from ..ops.moments import mix_moments, moment_shape, perturb_moments
-from ..utils.checks import check_beta_alpha, check_choice, check_unit_interval
+from ..utils.checks import check_beta_alpha, check_choice, check_model, check_unit_interval
 from ..utils.model import unwrap_model
 from ..utils.random import coin
 from .layers import feature_wrapper_layer, resolve_moex_layer, top_level_names
@@ -350,7 +350,8 @@ class DSUHook(StyleHook):
 
 
 def _attachable(model: nn.Module, method: str) -> nn.Module:
-    """The plain model to hook, refusing a compiled one or one that has such hooks already."""
+    """The plain model to hook, refusing a non-model, a compiled one or one that has such hooks already."""
+    check_model(model)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise ValueError(
             f'attach_{method} got a torch.compile()d model: a hook added after compiling is not traced. '
@@ -392,6 +393,7 @@ def attach_mixstyle(
         The hook, also kept on the model (see :func:`get_mixstyle_hook`).
 
     Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
         ValueError: ``model`` is compiled or already has MixStyle, the layers cannot be found,
             or an argument is out of range.
     """
@@ -426,6 +428,7 @@ def attach_dsu(
         The hook, also kept on the model (see :func:`get_dsu_hook`).
 
     Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
         ValueError: ``model`` is compiled or already has DSU, the layers cannot be found, or an
             argument is out of range.
     """

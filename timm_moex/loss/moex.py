@@ -4,6 +4,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..utils.checks import check_perm
+
 __all__ = ['MoExLoss', 'interpolated_loss']
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,10 +45,16 @@ class MoExLoss(nn.Module):
 
     Args:
         criterion: The loss of a batch of outputs against a batch of targets.
+
+    Raises:
+        TypeError: ``criterion`` is not callable.
     """
 
     def __init__(self, criterion: Criterion):
         super().__init__()
+        if not callable(criterion):
+            raise TypeError(f'criterion must be a callable loss(output, target), e.g. torch.nn.CrossEntropyLoss(); '
+                            f'got {type(criterion).__name__} {criterion!r:.60}')
         self.criterion = criterion
 
     def forward(self, output: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, lam: float) -> torch.Tensor:
@@ -62,12 +70,11 @@ class MoExLoss(nn.Module):
             ``lam * criterion(output, target) + (1 - lam) * criterion(output, target[perm])``.
 
         Raises:
-            ValueError: ``lam`` is outside [0, 1], or ``perm`` is not one index per sample.
+            TypeError: ``perm`` is not a tensor of integer indices.
+            ValueError: ``lam`` is outside [0, 1], or ``perm`` is not one index per sample (an
+                index out of range is refused where ``perm`` is on the CPU, see ``check_perm``).
         """
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f'lam must be in [0, 1]; got {lam}')
-        if not isinstance(perm, torch.Tensor) or perm.shape != output.shape[:1]:
-            raise ValueError(f'perm must have shape ({output.shape[0]},), one donor index per sample of the batch; '
-                             + (f'got shape {tuple(perm.shape)}' if isinstance(perm, torch.Tensor)
-                                else f'got {type(perm).__name__}'))
+        check_perm(perm, output.shape[0])
         return interpolated_loss(self.criterion, output, target, perm, lam)

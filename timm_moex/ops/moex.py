@@ -21,7 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .moments import MOEX_NORMS, check_eps, check_perm, moment_view, parse_norm, replace_moments
+from ..utils.checks import check_eps, check_perm
+from .moments import MOEX_NORMS, moment_view, parse_norm, replace_moments
 
 __all__ = ['moment_exchange', 'exchange_parsed', 'check_impl', 'parse_norm', 'MOEX_NORMS', 'MOEX_IMPLS']
 

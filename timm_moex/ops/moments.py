@@ -16,17 +16,17 @@ float64), under autocast too, with a hand-written backward. The new moments are
   ICLR 2022): ``mean + noise * std_batch(mean)`` and ``std + noise' * std_batch(std)``, where
   ``std_batch`` is the standard deviation over the batch of each statistic (:func:`perturb_moments`).
 """
-import math
 import re
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ..utils.amp import autocast_off
+from ..utils.checks import check_eps, check_perm
 
 __all__ = [
-    'mix_moments', 'perturb_moments', 'moment_shape', 'replace_moments', 'moment_view', 'check_perm', 'check_eps',
-    'parse_norm', 'MOEX_NORMS',
+    'mix_moments', 'perturb_moments', 'moment_shape', 'replace_moments', 'moment_view', 'parse_norm',
+    'MOEX_NORMS',
 ]
 
 MOEX_NORMS = ('pono', 'in', 'ln', 'gnG', 'gn-dD', 'gponoG')
@@ -171,60 +171,6 @@ def moment_shape(x: torch.Tensor, norm: str = 'in', channel_dim: int = 1) -> Tup
     for size in _stat_shape(xg, dims)[1:]:
         stats *= size
     return x.shape[0], stats
-
-
-def check_perm(perm: torch.Tensor, batch_size: int, device: Optional[torch.device] = None) -> None:
-    """Refuse a pairing that is not one integer index per sample.
-
-    An index outside [-B, B) is refused where ``perm`` is on the CPU; a check of a CUDA ``perm``
-    would synchronize the device every step, so it is left to the indexing there (a device-side
-    assert in PyTorch's ops, a NaN sample in the Triton kernels).
-
-    Args:
-        perm: The donors, ``perm[i]`` for sample i.
-        batch_size: B.
-        device: The features' device: ``perm`` must be on it or on the CPU.
-
-    Raises:
-        TypeError: ``perm`` is not an int64 or int32 tensor.
-        ValueError: ``perm`` does not have shape (B,), is on another device, or holds an index
-            out of range.
-    """
-    if not isinstance(perm, torch.Tensor):
-        raise TypeError(f'perm must be a tensor of sample indices; got {type(perm).__name__}')
-    if perm.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f'perm must hold integer indices (torch.int64 or torch.int32); got {perm.dtype}')
-    if perm.shape != (batch_size,):
-        raise ValueError(
-            f'perm must have shape ({batch_size},), one donor index per sample of the batch; '
-            f'got shape {tuple(perm.shape)}')
-    if device is not None and perm.device != device and perm.device.type != 'cpu':
-        where = device if device.type == 'cpu' else f'{device} or the CPU'
-        raise ValueError(f'perm is on {perm.device}, the features on {device}: put perm on {where}')
-    if (perm.device.type == 'cpu' and batch_size and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(perm)):
-        bad = (perm < -batch_size) | (perm >= batch_size)
-        if bad.any():
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f'perm[{i}] = {int(perm[i])} is not a sample of the batch of {batch_size}: donor '
-                             f'indices must be in 0..{batch_size - 1} (or -{batch_size}..-1, from the end)')
-
-
-def check_eps(eps: float) -> float:
-    """The eps added to a variance inside a square root: a finite number >= 0 (booleans refused).
-
-    Args:
-        eps: The value given.
-
-    Returns:
-        ``eps`` as a float.
-
-    Raises:
-        ValueError: ``eps`` is negative, not finite or not a number (a NaN output otherwise).
-    """
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ValueError(f'eps must be a finite number >= 0 (it is added to the variance); got {eps!r}')
-    return float(eps)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -11,7 +11,7 @@ model and task a run trains), ``run_folder`` (lock, resume, divergence advice, H
 from .config import RESUME_MAY_CHANGE, TrainConfig, check_values, config_help, parse_config, read_run_config, \
     recipe_names, resolve_config_file, resolve_output_dir, resume_differences, save_config
 from .errors import CheckpointError, ConfigError, DataError, Diverged, Interrupted, ResumeMismatch, RunError, \
-    RunFolderBusy, UserError
+    RunFolderBusy, Terminated, UnreadableImage, UserError
 from .files import atomic_write_text
 from .validate import load_config, validate_config
 
@@ -20,5 +20,5 @@ __all__ = [
     'recipe_names', 'resolve_config_file', 'resolve_output_dir', 'RESUME_MAY_CHANGE', 'read_run_config',
     'resume_differences', 'atomic_write_text',
     'UserError', 'ConfigError', 'RunError', 'RunFolderBusy', 'ResumeMismatch', 'CheckpointError', 'DataError',
-    'Diverged', 'Interrupted',
+    'UnreadableImage', 'Diverged', 'Interrupted', 'Terminated',
 ]

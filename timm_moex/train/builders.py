@@ -26,7 +26,8 @@ from .config import TrainConfig
 from .data import resolve_data_defaults
 from .errors import CheckpointError, ConfigError
 
-__all__ = ['MOEX_VARIANT_KEYS', 'model_kwargs', 'create_model', 'trial_forward', 'compile_model', 'create_automix', 'create_criterion', 'create_task']
+__all__ = ['MOEX_VARIANT_KEYS', 'model_kwargs', 'create_model', 'trial_forward', 'compile_model', 'create_automix',
+           'create_criterion', 'create_task']
 
 
 MOEX_VARIANT_KEYS = ('moex_layer', 'moex_norm', 'moex_eps', 'moex_impl')

@@ -393,12 +393,28 @@ def resolve_config_file(config: str) -> str:
                       f'{", ".join(recipe_names())}')
 
 
+def _load_yaml(path: os.PathLike, key: str) -> Any:
+    """The YAML document in ``path``, or a one-line ConfigError of ``key`` naming the file and where it is wrong."""
+    try:
+        raw = Path(path).read_bytes()  # bytes: PyYAML detects the encoding and reports a binary file itself
+    except OSError as e:
+        raise ConfigError(f'{key}: {str(path)!r} cannot be read ({e.strerror or e})') from None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.reader.ReaderError as e:
+        reason = (str(e).strip().splitlines() or [''])[0]
+        raise ConfigError(f'{key}: {str(path)!r} is not a text file ({reason}, position {e.position})') from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f'line {mark.line + 1}, column {mark.column + 1}: ' if mark is not None else ''
+        raise ConfigError(f'{key}: {str(path)!r} is not valid YAML ({where}{e.problem or e.context})') from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{key}: {str(path)!r} is not valid YAML ({(str(e).strip().splitlines() or [""])[0]})') \
+            from None
+
+
 def _read_yaml(path: str) -> Dict[str, Any]:
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f'config: {path!r} is not valid YAML: {e}') from None
+    data = _load_yaml(path, 'config') or {}
     if not isinstance(data, dict):
         raise ConfigError(f'config: {path!r} must hold a mapping of keys to values, got {type(data).__name__}')
     for key in data:
@@ -586,10 +602,9 @@ def read_run_config(path: os.PathLike) -> Dict[str, Any]:
     todo = ('the run folder is damaged: restore the file (the YAML the run was started with, plus its command-line '
             'options) or start a new run in another --output-dir')
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        reason = (str(e).strip().splitlines() or [''])[0]
-        raise ConfigError(f'resume: {str(path)!r} is not valid YAML ({reason}); {todo}') from None
+        data = _load_yaml(path, 'resume')
+    except ConfigError as e:
+        raise ConfigError(f'{e}; {todo}') from None
     if not isinstance(data, dict) or not data:  # read as defaults, it would resume another run's settings
         found = 'is empty' if data is None or data == {} else f'holds a {type(data).__name__}, not the run\'s settings'
         raise ConfigError(f'resume: {str(path)!r} {found}; {todo}')

@@ -19,7 +19,9 @@ and RandomErasing; on the 32 px datasets an ``img_size`` other than 32 resizes t
 jitter, RandAugment / AutoAugment, RandomErasing); ``none`` uses the eval transform.
 """
 import os
+import re
 from typing import Callable, List, Optional, Sequence, Tuple
+from urllib.error import URLError
 
 import numpy as np
 import torch
@@ -29,13 +31,14 @@ from timm.data.auto_augment import augment_and_mix_transform, auto_augment_trans
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
+from torchvision.datasets.utils import check_integrity
 
 from .config import TrainConfig
 from .device_data import DeviceImageDataset, batch_collate, stack_images
 from .errors import ConfigError, DataError
 from .images import load_image
 
-__all__ = ['DATASET_STATS', 'check_data_dir', 'DigitsDataset', 'FileListDataset', 'Cutout',
+__all__ = ['DATASET_STATS', 'check_data_dir', 'check_auto_augment', 'DigitsDataset', 'FileListDataset', 'Cutout',
            'resolve_data_defaults', 'device_loader_unsupported', 'create_transforms', 'resolve_loader', 'add_label_noise', 'create_datasets',
            'create_loaders', 'create_mixup']
 
@@ -201,6 +204,58 @@ def _policy(name: str, mean: Sequence[float]) -> Callable:
     return auto_augment_transform(name, hparams)
 
 
+# The sections after the first of timm's policy strings, '<key><value>', as timm.data.auto_augment's parsers
+# (rand_augment_transform, augment_and_mix_transform, auto_augment_transform) read them; they skip a section they
+# do not know without a word, so check_auto_augment refuses it. {family: (name, example, {key: value})}.
+_POLICY_SECTIONS = {
+    'rand': ('RandAugment', 'rand-m9-mstd0.5',
+             {'m': 'int', 'n': 'int', 'p': 'float', 'mstd': 'float', 'mmax': 'int', 'inc': '0|1'}),
+    'augmix': ('AugMix', 'augmix-m5-w4-d2', {'m': 'int', 'w': 'int', 'd': 'int', 'a': 'float', 'b': '0|1',
+                                             'mstd': 'float'}),
+    'auto': ('AutoAugment', 'original-mstd0.5', {'mstd': 'float'}),
+}
+_RAND_TRANSFORM_SETS = ('weights', '3a', '3aw')  # RandAugment's t<name>; timm takes another name for the default set
+_AUTO_AUGMENT_POLICIES = ('original', 'originalr', 'v0', 'v0r', '3a')
+
+
+def check_auto_augment(policy: str) -> None:
+    """Check an ``auto_augment`` value: 'cifar10', or a timm policy string every section of which timm reads.
+
+    Args:
+        policy: The value, e.g. 'rand-m9-mstd0.5', 'original', 'augmix-m5-w4-d2'.
+
+    Raises:
+        ConfigError: An unknown policy, a section the policy's parser would skip, or a value it cannot read; the
+            message lists the accepted sections.
+    """
+    if policy == 'cifar10':
+        return
+    family = 'rand' if policy.startswith('rand') else 'augmix' if policy.startswith('augmix') else 'auto'
+    name, example, keys = _POLICY_SECTIONS[family]
+    head, *sections = policy.split('-')
+    bad = f"auto_augment: {policy!r} is not a timm policy string nor 'cifar10'"
+    if head not in ((family,) if family != 'auto' else _AUTO_AUGMENT_POLICIES):
+        raise ConfigError(f"{bad}: it starts with 'rand' (RandAugment), 'augmix' (AugMix) or an AutoAugment policy "
+                          f"({', '.join(_AUTO_AUGMENT_POLICIES)}), e.g. 'rand-m9-mstd0.5', 'original', "
+                          f"'augmix-m5-w4-d2'")
+    for section in sections:
+        if family == 'rand' and section.startswith('t'):  # read before the numeric keys, as timm does
+            known = section[1:] in _RAND_TRANSFORM_SETS
+        else:
+            key = re.match(r'(\D*)\d', section)  # timm's key: the text before the first digit
+            known = key is not None and key.group(1) in keys
+        if not known:
+            accepted = [f'{k}<{v}>' for k, v in keys.items()]
+            if family == 'rand':
+                accepted.append(f"t<{'|'.join(_RAND_TRANSFORM_SETS)}>")
+            raise ConfigError(f"{bad}: {name} does not read the section {section!r} (timm would skip it); its "
+                              f"sections are {', '.join(accepted)}, e.g. {example!r}")
+    try:
+        _policy(policy, IMAGENET_DEFAULT_MEAN)
+    except Exception as e:  # noqa: BLE001  timm raises assorted errors for a value it cannot read
+        raise ConfigError(f"{bad}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+
+
 def create_transforms(cfg: TrainConfig) -> Tuple[Callable, Callable]:
     """The PIL-image transforms of the worker loader for ``cfg.aug_recipe`` (see the module docstring).
 
@@ -291,6 +346,15 @@ def _raw_datasets(cfg: TrainConfig):
         try:
             train_set = cls(cfg.data_dir, train=True, download=cfg.download)
             eval_set = cls(cfg.data_dir, train=False, download=cfg.download)
+        except OSError as e:  # urllib's URLError / HTTPError (offline, a refused address), a connection cut
+            if not cfg.download:
+                raise
+            archive = os.path.join(cfg.data_dir, cls.filename)
+            if os.path.isfile(archive) and not check_integrity(archive, cls.tgz_md5):
+                os.remove(archive)  # torchvision writes the archive in place: a cut download leaves part of it
+            reason = e.reason if type(e) is URLError else e  # an HTTPError's own text names the status
+            raise DataError(f'{cfg.dataset}: the download failed', reason, 'download it while online, or put the '
+                            f'dataset in {os.path.abspath(cfg.data_dir)}') from None
         except RuntimeError as e:  # torchvision: missing or corrupt files
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise DataError(f'{cfg.dataset}: the files cannot be used ({reason})', os.path.abspath(cfg.data_dir),
@@ -412,7 +476,7 @@ def create_datasets(cfg: TrainConfig, device: Optional[torch.device] = None) -> 
     Raises:
         ConfigError: ``num_classes`` is fewer than the dataset's classes.
         DataError: An image folder has no images, train/ and the eval folder hold different classes, the dataset
-            has a single class, or torchvision cannot read the CIFAR files.
+            has a single class, or torchvision cannot read or download the CIFAR files.
     """
     train_set, eval_set, classes = _raw_datasets(cfg)
     if len(classes) < 2:  # every label the same: the loss reaches 0 and the error 0 % with nothing learned

@@ -7,7 +7,7 @@ after a checkpoint is loaded (:func:`apply_resume`), or once the run is complete
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
 from timm.scheduler.scheduler import Scheduler
 from torch.optim import Optimizer
@@ -80,18 +80,22 @@ def check_resume(cfg: TrainConfig, out: Path) -> SavedRun:
         return None, {}
     folder = out if cfg.resume == 'auto' else Path(cfg.resume).parent
     path = next((f / 'config.yaml' for f in (folder, out) if (f / 'config.yaml').is_file()), None)
+    new_run = cfg.resume == 'auto' and find_latest_checkpoint(out) is None
     if path is None:
-        if cfg.resume == 'auto' and find_latest_checkpoint(out) is None:
-            return None, {}  # nothing to resume yet: a new run
-        raise ResumeMismatch('--resume of a run folder without config.yaml, the run\'s settings',
-                             folder / 'config.yaml', 'restore the file, or start a new run in another --output-dir')
-    saved = read_run_config(path)
-    changes, conflicts = resume_differences(saved, cfg)
-    if conflicts:
-        listed = '; '.join(f'{k} {old!r} in the run, {new!r} now' for k, (old, new) in conflicts.items())
-        raise ResumeMismatch('--resume with settings that change the model, data or optimizer state',
-                             f'{path}: {listed}', 'resume with the run\'s values (drop or fix these options), or '
-                             'start a new run in another --output-dir')
+        if not new_run:
+            raise ResumeMismatch('--resume of a run folder without config.yaml, the run\'s settings',
+                                 folder / 'config.yaml', 'restore the file, or start a new run in another --output-dir')
+        saved, changes = None, {}
+    else:
+        saved = read_run_config(path)
+        changes, conflicts = resume_differences(saved, cfg)
+        if conflicts:
+            listed = '; '.join(f'{k} {old!r} in the run, {new!r} now' for k, (old, new) in conflicts.items())
+            raise ResumeMismatch('--resume with settings that change the model, data or optimizer state',
+                                 f'{path}: {listed}', 'resume with the run\'s values (drop or fix these options), or '
+                                 'start a new run in another --output-dir')
+    if new_run:  # one command both starts and restarts a job; said, since a mistyped --output-dir lands here too
+        PartialState().print(f'resume: auto found no checkpoint in {out}: starting a new run')
     return saved, changes
 
 

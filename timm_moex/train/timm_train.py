@@ -18,9 +18,10 @@ it::
   model is moved to its device (and converted to SyncBatchNorm / split BN when asked) and before
   ``torch.compile`` and the DDP wrap: the module that runs carries it. A ``*_moex`` model's own
   hook is attached again there with the ``--moex-*`` settings when they differ from its own.
-- What can be checked before train.py starts is: unknown ``--moex-*`` options and ``moex_*`` YAML
-  keys, the model name (timm's registry), and a folder dataset's ``--data-dir``; each is one line
-  and an exit code (2 configuration, 7 data), as for ``moex-train``.
+- Before train.py builds anything, what can be checked is: unknown ``--moex-*`` options and
+  ``moex_*`` YAML keys (with the closest names), the model name (timm's registry), the MoEx layer
+  (in the model built on the meta device) and a folder dataset's ``--data-dir``. Each error is one
+  line and an exit code (2 configuration, 7 data), as for ``moex-train``.
 - ``--help`` lists the ``--moex-*`` options, then train.py's own when train.py is found
   (``--timm-train PATH``, else ``$TIMM_TRAIN_PY``).
 - With ``--mixup`` / ``--cutmix`` (``Mixup`` or the prefetcher's ``FastCollateMixup``, both of
@@ -102,7 +103,8 @@ def split_argv(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
         (this command's options, the arguments left for timm's train.py, in their order).
 
     Raises:
-        ConfigError: One of this command's options has a bad value (argparse printed its usage line).
+        ConfigError: One of this command's options has a bad value (argparse printed its usage line), or a
+            ``--moex-*`` option does not exist.
     """
     parser = _parser()
     try:
@@ -120,7 +122,7 @@ def _unknown_moex_key(key: str, source: str) -> ConfigError:
     option = key.startswith('-')
     known = [*MOEX_DEFAULTS, 'moex_help'] if option else list(MOEX_DEFAULTS)
     spell = (lambda k: '--' + k.replace('_', '-')) if option else (lambda k: k)
-    close = difflib.get_close_matches(key.lstrip('-').replace('-', '_'), known, n=2, cutoff=0.6)
+    close = difflib.get_close_matches(key.lstrip('-').replace('-', '_'), known, n=2, cutoff=0.8)
     hint = f"did you mean {' or '.join(repr(spell(c)) for c in close)}?" if close else \
         f"the MoEx settings are {', '.join(spell(k) for k in known)}"
     return ConfigError(f'unknown MoEx {"option" if option else "key"} {key!r} ({source}); {hint}')
@@ -205,30 +207,43 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
                           'handle; drop --naflex-loader')
     moex_kwargs = sorted(k for k in (getattr(args, 'model_kwargs', None) or {}) if str(k).startswith('moex_'))
     if moex_kwargs:  # the hook is attached again with the --moex-* settings: these would be overridden
-        raise ConfigError(f"model_kwargs: {', '.join(moex_kwargs)} set the MoEx hook, which this command configures; "
-                          f"pass {', '.join('--' + k.replace('_', '-') for k in moex_kwargs)} instead")
+        raise ConfigError(f"model_kwargs: {', '.join(moex_kwargs)} would be replaced by this command's MoEx "
+                          f"settings; pass {', '.join('--' + k.replace('_', '-') for k in moex_kwargs)} instead")
 
 
-def _check_model_and_data(args: argparse.Namespace) -> None:
-    """What timm's train.py would stop on only after a traceback: an unknown model, a missing dataset folder."""
+def _check_model_and_data(args: argparse.Namespace, layer: str) -> None:
+    """What timm's train.py would stop on later, after its log lines or a traceback: an unknown model, a MoEx layer
+    the model does not have, a missing dataset folder."""
     for module in getattr(args, 'device_modules', None) or ():  # train.py imports them first; they may add models
         try:
             importlib.import_module(module)
         except ImportError as e:
             raise ConfigError(f'device_modules: cannot import {module!r} ({e})') from None
-    source, name = parse_model_name(str(args.model))
+    source, name = parse_model_name(str(getattr(args, 'model', '')))
     if not source and not timm.is_model(name):  # hf-hub: and local-dir: models are found by create_model
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.7)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else \
             "timm.list_models('*pattern*') lists the names"
         raise ConfigError(f'model: timm has no model {name!r}; {hint}')
-    if '/' in (args.dataset or ''):  # torch/, hfds/, tfds/, wds/ datasets: timm's readers find or download them
+    if not source:  # the layer, looked up in the model built on the meta device: no memory, no weights
+        try:
+            with torch.device('meta'):
+                model = timm.create_model(name, num_classes=getattr(args, 'num_classes', None),
+                                          **(getattr(args, 'model_kwargs', None) or {}))
+        except Exception:  # noqa: BLE001  train.py reports it when it builds the model; the layer is checked then
+            model = None
+        if model is not None:
+            try:
+                resolve_moex_layer(model, layer)
+            except ValueError as e:
+                raise ConfigError(f'moex_layer: {e}') from None
+    if '/' in str(getattr(args, 'dataset', '') or ''):  # torch/, hfds/, tfds/, wds/: timm's readers find them
         return
-    data_dir = args.data_dir or args.data  # train.py's own fallback to the deprecated positional
+    data_dir = getattr(args, 'data_dir', None) or getattr(args, 'data', None)  # train.py's fallback: the positional
     if not data_dir:
         raise ConfigError("data_dir: no dataset given; pass --data-dir, the folder that holds the train/ and "
                           "validation/ class folders (or a .tar of them), or --dataset torch/NAME, hfds/NAME, ...")
-    if not os.path.exists(data_dir):
+    if not os.path.exists(str(data_dir)):
         raise DataError('data_dir: no such folder', data_dir,
                         'pass --data-dir the folder that holds the train/ and validation/ class folders (or a .tar)')
 
@@ -346,7 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         args, _ = parse_args()
         _refuse_unsupported(args)
         settings = _moex_settings(ours, args)
-        _check_model_and_data(args)
+        _check_model_and_data(args, settings['moex_layer'])
         for key, value in settings.items():
             setattr(args, key, value)
         # train.py's own test of whether Mixup / CutMix is on: both pair sample i with sample B-1-i
@@ -359,8 +374,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             raise TypeError(f'{build_task.__name__} got unexpected arguments {sorted(kwargs)} from train.py')
         hook = hook_running_model(model, layer=run['moex_layer'], norm=run['moex_norm'], eps=run['moex_eps'],
                                   impl=run['moex_impl'], verbose=verbose)
-        # the record says what runs: the layer 'stem' resolved to, the norm of the hook as attached
-        run.update(moex_layer=hook.layer, moex_norm=hook.norm, moex_eps=hook.eps, moex_impl=hook.impl)
         moex = MoExMixing(hook, prob=run['moex_prob'], lam=run['moex_lam'], pairing=run['pairing'])
         task = _TimmTrainMoExTask(model, moex, criterion=criterion, device=device, dtype=dtype, verbose=verbose)
         run['task'] = task
@@ -374,7 +387,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     task = run['task']
     if task is None:
         raise RuntimeError("timm's train.py did not build a ClassificationTask; MoEx was not used")
-    hook = task.hook
+    hook = task.hook  # the record says what ran: the layer 'stem' resolved to, the hook's own settings
     run.update(train_batches=task.train_batches, moex_batches=task.moex_batches, moex_layer=hook.layer,
                moex_norm=hook.norm, moex_eps=hook.eps, moex_impl=hook.impl)
     _logger.info(f'MoEx: {task.moex_batches} of {task.train_batches} training batches moment-exchanged '

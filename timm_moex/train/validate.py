@@ -9,15 +9,16 @@ import difflib
 import importlib.util
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import huggingface_hub
 import timm
 import torch
-from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+import torch.nn as nn
 from timm.models import is_model_pretrained
-from timm.optim import list_optimizers
+from timm.optim import create_optimizer_v2, list_optimizers
 
 from ..hooks.layers import resolve_moex_layer
 from ..hooks.moex import get_moex_hook
@@ -29,7 +30,7 @@ from ..task.snapmix import cam_classifier
 from .builders import MOEX_VARIANT_KEYS, model_kwargs
 from .config import TrainConfig, check_values, parse_config, resolve_output_dir
 from .corruptions import parse_corruptions
-from .data import check_data_dir, device_loader_unsupported, resolve_data_defaults
+from .data import check_auto_augment, check_data_dir, device_loader_unsupported, resolve_data_defaults
 from .errors import ConfigError
 
 __all__ = ['load_config', 'validate_config']
@@ -81,6 +82,8 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         close = difflib.get_close_matches(cfg.opt, list_optimizers(), n=3)
         raise ConfigError(f'opt: {cfg.opt!r} is not a timm optimizer; close names: {close} '
                           '(timm.optim.list_optimizers())')
+    if cfg.opt_kwargs:
+        _check_opt_kwargs(cfg)
     if cfg.moex:
         try:
             parse_norm(cfg.moex_norm)
@@ -94,14 +97,8 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError("moex_impl: 'triton' cannot run under compile: true (torch.compile traces the PyTorch ops "
                           "and fuses them itself); use 'auto'")
     _check_model_build(cfg)
-    if cfg.auto_augment and cfg.auto_augment != 'cifar10':
-        factories = dict(rand=rand_augment_transform, augmix=augment_and_mix_transform)
-        factory = factories.get(cfg.auto_augment.split('-')[0], auto_augment_transform)
-        try:
-            factory(cfg.auto_augment, {})
-        except Exception as e:  # noqa: BLE001  timm raises assorted errors for a bad policy string
-            raise ConfigError(f"auto_augment: {cfg.auto_augment!r} is not a timm policy string "
-                              f"('rand-m9-mstd0.5', 'original', 'v0', 'augmix-m5') nor 'cifar10': {e}") from None
+    if cfg.auto_augment:
+        check_auto_augment(cfg.auto_augment)
     img_size = resolve_data_defaults(cfg)[0]
     if parse_corruptions(cfg.eval_corruptions) and img_size > 64:
         raise ConfigError(f'eval_corruptions: the CIFAR-10-C corruptions are set for 32 px images, not '
@@ -162,6 +159,22 @@ def _check_push_to_hub(repo_id: str) -> None:
     if not huggingface_hub.get_token():
         raise ConfigError(f'push_to_hub: no Hugging Face token to publish {repo_id!r} with; log in first '
                           '(hf auth login) or set HF_TOKEN')
+
+
+def _check_opt_kwargs(cfg: TrainConfig) -> None:
+    """Build the optimizer for a one-parameter module: an argument the optimizer lacks is refused now, not after the
+    data and the model are set up."""
+    lr = cfg.lr if cfg.lr is not None else cfg.lr_base
+    try:
+        with warnings.catch_warnings():  # an optimizer's advice (e.g. kron's about opt_einsum) comes with the run
+            warnings.simplefilter('ignore')
+            create_optimizer_v2(nn.Linear(2, 2, bias=False), opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.momentum, **cfg.opt_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'opt_kwargs: {cfg.opt_kwargs!r} are not accepted by {cfg.opt!r}: '
+                          f'{(str(e).strip().splitlines() or [type(e).__name__])[0]}') from None
+    except Exception:  # noqa: BLE001  an optimizer that needs a GPU or a package: reported when the run builds it
+        return
 
 
 def _check_model_build(cfg: TrainConfig) -> None:

@@ -1,10 +1,14 @@
-"""Checks of the arguments that the package's constructors share, each with one error message."""
+"""Checks of the arguments that the package's layers share (constructors and forwards), each with one error message."""
 import math
-from typing import Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 import torch
+import torch.nn as nn
 
-__all__ = ['check_unit_interval', 'check_beta_alpha', 'check_choice', 'check_class_indices']
+__all__ = [
+    'check_unit_interval', 'check_beta_alpha', 'check_choice', 'check_class_indices', 'check_perm', 'check_eps',
+    'check_model',
+]
 
 T = TypeVar('T')
 
@@ -87,3 +91,76 @@ def check_class_indices(target: torch.Tensor, num_classes: int, source: str) -> 
     if bad.any():
         raise ValueError(f'target holds class index {target[bad][0].item()}, outside the {num_classes} classes of '
                          f'{source}: class indices must be in 0..{num_classes - 1}')
+
+
+def check_perm(perm: torch.Tensor, batch_size: int, device: Optional[torch.device] = None) -> None:
+    """Refuse a pairing that is not one integer index per sample.
+
+    An index outside [-B, B) is refused where ``perm`` is on the CPU; a check of a CUDA ``perm``
+    would synchronize the device every step, so it is left to the indexing there (a device-side
+    assert in PyTorch's ops, a NaN sample in the Triton kernels).
+
+    Args:
+        perm: The donors, ``perm[i]`` for sample i.
+        batch_size: B.
+        device: The features' device: ``perm`` must be on it or on the CPU.
+
+    Raises:
+        TypeError: ``perm`` is not an int64 or int32 tensor.
+        ValueError: ``perm`` does not have shape (B,), is on another device, or holds an index
+            out of range.
+    """
+    if not isinstance(perm, torch.Tensor):
+        raise TypeError(f'perm must be a tensor of sample indices; got {type(perm).__name__}')
+    if perm.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f'perm must hold integer indices (torch.int64 or torch.int32); got {perm.dtype}')
+    if perm.shape != (batch_size,):
+        raise ValueError(
+            f'perm must have shape ({batch_size},), one donor index per sample of the batch; '
+            f'got shape {tuple(perm.shape)}')
+    if device is not None and perm.device != device and perm.device.type != 'cpu':
+        where = device if device.type == 'cpu' else f'{device} or the CPU'
+        raise ValueError(f'perm is on {perm.device}, the features on {device}: put perm on {where}')
+    if (perm.device.type == 'cpu' and batch_size and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(perm)):
+        bad = (perm < -batch_size) | (perm >= batch_size)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f'perm[{i}] = {int(perm[i])} is not a sample of the batch of {batch_size}: donor '
+                             f'indices must be in 0..{batch_size - 1} (or -{batch_size}..-1, from the end)')
+
+
+def check_eps(eps: float) -> float:
+    """The eps added to a variance inside a square root: a finite number >= 0 (booleans refused).
+
+    Args:
+        eps: The value given.
+
+    Returns:
+        ``eps`` as a float.
+
+    Raises:
+        ValueError: ``eps`` is negative, not finite or not a number (a NaN output otherwise).
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f'eps must be a finite number >= 0 (it is added to the variance); got {eps!r}')
+    return float(eps)
+
+
+def check_model(model: Any) -> nn.Module:
+    """A model to hook: a ``torch.nn.Module`` (wrapped or not), not its name or None.
+
+    Args:
+        model: The value given.
+
+    Returns:
+        ``model``, unchanged.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        name = model if isinstance(model, str) and model else 'resnet50'
+        raise TypeError(f'model must be a torch.nn.Module; got {type(model).__name__} {model!r:.60}: build it '
+                        f'first, e.g. timm.create_model({name!r})')
+    return model
