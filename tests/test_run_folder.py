@@ -464,23 +464,29 @@ def test_ctrl_c_while_the_imports_load_is_one_line():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT to a child process')
-def test_ctrl_c_says_how_to_resume(args, tmp_path):
+@pytest.mark.skipif(sys.platform == 'win32', reason='signals to a child process')
+@pytest.mark.parametrize('signum, code, said', [(signal.SIGINT, 130, 'interrupted (Ctrl-C)'),
+                                                (signal.SIGTERM, 143, 'terminated (SIGTERM)')])
+def test_a_signal_stops_the_run_in_one_line_and_keeps_whole_checkpoints(args, tmp_path, signum, code, said):
+    """Ctrl-C, or SIGTERM (kill, a job scheduler): one line saying how to resume, the last checkpoint kept, the
+    signal's own exit code."""
     out = tmp_path / 'run'
     proc = subprocess.Popen([sys.executable, str(ROOT / 'train_moex.py'), *args('--epochs', '50', out=out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (out / 'checkpoint-1').exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code == (Interrupted if signum == signal.SIGINT else Terminated).exit_code, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and 'Traceback' not in err, err
-    assert lines[0].startswith(f'train_moex.py: interrupted (Ctrl-C) ({out}): checkpoint-') and \
+    assert lines[0].startswith(f'train_moex.py: {said} ({out}): checkpoint-') and \
         lines[0].endswith('run the same command with --resume auto to continue'), lines[0]
-    assert (out / 'checkpoint-1' / 'model.safetensors').exists()
     assert not (out / 'results.json').exists()
+    assert (out / 'checkpoint-1' / 'model.safetensors').exists()
+    for checkpoint in out.glob('checkpoint-*'):  # whole: a save cut short stays under its temporary name
+        assert (checkpoint / 'model.safetensors').exists() and (checkpoint / 'custom_checkpoint_0.pkl').exists()
 
 
 def test_the_debug_key_or_the_variable_shows_the_traceback(tmp_path, capsys, monkeypatch):
@@ -655,30 +661,6 @@ def test_package_warnings_print_as_one_line():
     assert own == 'train_moex.py: UserWarning: checkpoint-2 is damaged\n'
     assert other.startswith('/elsewhere/lib.py:3: FutureWarning: deprecated')
     assert warnings.formatwarning('x', UserWarning, ours, 354).startswith(f'{ours}:354: UserWarning: x')  # restored
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform == 'win32', reason='SIGTERM to a child process')
-def test_sigterm_stops_like_ctrl_c(args, tmp_path):
-    """SIGTERM (kill, a job scheduler) used to end the run without a word: one line, the last checkpoint kept,
-    its own exit code."""
-    out = tmp_path / 'run'
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'train_moex.py'), *args('--epochs', '50', out=out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (out / 'checkpoint-1').exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == Terminated.exit_code == 143, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and 'Traceback' not in err, err
-    assert lines[0].startswith(f'train_moex.py: terminated (SIGTERM) ({out}): checkpoint-') and \
-        lines[0].endswith('run the same command with --resume auto to continue'), lines[0]
-    assert not (out / 'results.json').exists()
-    for checkpoint in out.glob('checkpoint-*'):  # whole: a save cut short stays under its temporary name
-        assert (checkpoint / 'model.safetensors').exists() and (checkpoint / 'custom_checkpoint_0.pkl').exists()
-    assert list(out.glob('checkpoint-*'))
 
 
 def test_readme_lists_every_exit_code():
