@@ -2,13 +2,15 @@
 import re
 from typing import Dict, List, Optional
 
+import torch
 import torch.nn as nn
 from timm.models import FeatureDictNet, FeatureGraphNet, FeatureHookNet
 from timm.models._features import FeatureGetterNet
 
+from ..utils.checks import check_model
 from ..utils.model import unwrap_model
 
-__all__ = ['STEM_LAYERS', 'resolve_moex_layer', 'feature_wrapper_layer', 'top_level_names']
+__all__ = ['STEM_LAYERS', 'resolve_moex_layer', 'feature_wrapper_layer', 'top_level_names', 'hookable_model']
 
 STEM_LAYERS: Dict[str, str] = {
     'ResNet': 'maxpool',  # resnet, resnext, seresnet, wide_resnet, ...
@@ -139,3 +141,31 @@ def resolve_moex_layer(model: nn.Module, layer: str = 'stem') -> str:
             f"layer={layer!r} is not a module of {type(model).__name__}; use 'stem' or a dotted module name. "
             f"Its top-level modules are {top_level_names(model)}")
     return layer
+
+
+def hookable_model(model: nn.Module, attr: str, caller: str, what: str) -> nn.Module:
+    """The plain model that ``caller`` attaches hooks to, refusing what a hook cannot work on.
+
+    Args:
+        model: What the user passed (also inside DDP / DataParallel wrappers).
+        attr: The model attribute that keeps such hooks (one set per model).
+        caller: The attaching function, for the messages (``'attach_moex'``).
+        what: What is attached, for the messages (``'MoEx'``).
+
+    Returns:
+        The model inside its wrappers.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
+        ValueError: ``model`` is compiled (a hook added after compiling is not traced), or already has such hooks.
+    """
+    check_model(model)
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError(
+            f'{caller} got a torch.compile()d model: a hook added after compiling is not traced. '
+            f'Attach {what} to the plain model first, then compile it.')
+    model = unwrap_model(model)
+    existing = getattr(model, attr, None)
+    if existing is not None:
+        raise ValueError(f'{type(model).__name__} already has {existing}; call .remove() on it first')
+    return model

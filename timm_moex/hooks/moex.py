@@ -10,7 +10,7 @@ from timm.models._features import FeatureGetterNet
 from ..ops.moex import check_impl, exchange_parsed, parse_norm
 from ..utils.checks import check_eps, check_model
 from ..utils.model import unwrap_model
-from .layers import resolve_moex_layer
+from .layers import hookable_model, resolve_moex_layer
 
 __all__ = ['MoExHook', 'attach_moex', 'get_moex_hook', 'strip_moex', 'reattach_moex', 'convert_sync_batchnorm']
 
@@ -205,15 +205,7 @@ def attach_moex(
         TypeError: ``model`` is not a ``torch.nn.Module``.
         ValueError: ``model`` is compiled or already has a hook, or ``layer`` cannot be found.
     """
-    check_model(model)
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        raise ValueError(
-            'attach_moex got a torch.compile()d model: a hook added after compiling is not traced. '
-            'Attach MoEx to the plain model first, then compile it.')
-    model = unwrap_model(model)
-    existing = getattr(model, _HOOK_ATTR, None)
-    if existing is not None:
-        raise ValueError(f'{type(model).__name__} already has {existing}; call .remove() on it first')
+    model = hookable_model(model, _HOOK_ATTR, 'attach_moex', 'MoEx')
     hook = MoExHook(model, layer, norm=norm, eps=eps, detach=detach, channel_dim=channel_dim, impl=impl)
     setattr(model, _HOOK_ATTR, hook)
     return hook

@@ -19,10 +19,10 @@ from timm.models import FeatureDictNet, FeatureGraphNet, FeatureHookNet
 from timm.models._features import FeatureGetterNet
 
 from ..ops.moments import mix_moments, moment_shape, perturb_moments
-from ..utils.checks import check_beta_alpha, check_choice, check_model, check_unit_interval
+from ..utils.checks import check_beta_alpha, check_choice, check_unit_interval
 from ..utils.model import unwrap_model
 from ..utils.random import coin
-from .layers import feature_wrapper_layer, resolve_moex_layer, top_level_names
+from .layers import feature_wrapper_layer, hookable_model, resolve_moex_layer, top_level_names
 
 __all__ = [
     'StyleHook', 'MixStyleHook', 'DSUHook', 'attach_mixstyle', 'attach_dsu', 'get_mixstyle_hook', 'get_dsu_hook',
@@ -349,20 +349,6 @@ class DSUHook(StyleHook):
         return perturb_moments(x, noise[0], noise[1], norm='in', eps=self.eps, channel_dim=channel_dim)
 
 
-def _attachable(model: nn.Module, method: str) -> nn.Module:
-    """The plain model to hook, refusing a non-model, a compiled one or one that has such hooks already."""
-    check_model(model)
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        raise ValueError(
-            f'attach_{method} got a torch.compile()d model: a hook added after compiling is not traced. '
-            'Attach the hooks to the plain model first, then compile it.')
-    model = unwrap_model(model)
-    existing = getattr(model, _HOOK_ATTRS[method], None)
-    if existing is not None:
-        raise ValueError(f'{type(model).__name__} already has {existing}; call .remove() on it first')
-    return model
-
-
 def attach_mixstyle(
         model: nn.Module,
         layers: Optional[Sequence[str]] = None,
@@ -397,7 +383,7 @@ def attach_mixstyle(
         ValueError: ``model`` is compiled or already has MixStyle, the layers cannot be found,
             or an argument is out of range.
     """
-    model = _attachable(model, 'mixstyle')
+    model = hookable_model(model, _HOOK_ATTRS['mixstyle'], 'attach_mixstyle', 'the hooks')
     hook = MixStyleHook(model, mixstyle_layers(model) if layers is None else layers, p=p, alpha=alpha, mix=mix,
                         eps=eps, detach=detach, channel_dim=channel_dim)
     setattr(model, _HOOK_ATTRS['mixstyle'], hook)
@@ -432,7 +418,7 @@ def attach_dsu(
         ValueError: ``model`` is compiled or already has DSU, the layers cannot be found, or an
             argument is out of range.
     """
-    model = _attachable(model, 'dsu')
+    model = hookable_model(model, _HOOK_ATTRS['dsu'], 'attach_dsu', 'the hooks')
     hook = DSUHook(model, dsu_layers(model) if layers is None else layers, p=p, eps=eps, channel_dim=channel_dim)
     setattr(model, _HOOK_ATTRS['dsu'], hook)
     return hook

@@ -118,7 +118,7 @@ def _load_triton_kernels() -> Optional[ModuleType]:
     global _triton_kernels, _triton_import_error
     if _triton_kernels is None and _triton_import_error is None:
         try:
-            from . import moex_triton
+            import timm_moex.ops.moex_triton as moex_triton  # the module, not the package: no import cycle
         except ImportError as e:  # no Triton (CPU-only or macOS builds of torch)
             _triton_import_error = f'Triton is not installed ({e})'
         except Exception as e:  # noqa: BLE001  a Triton this module does not work with

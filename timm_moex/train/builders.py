@@ -24,7 +24,7 @@ from ..task import AutoMix, AutoMixTask, MoExClassificationTask, MoExMixing, Sna
 from ..task.automix import parse_feature_layer
 from .config import TrainConfig
 from .data import resolve_data_defaults
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, describe
 
 __all__ = ['MOEX_VARIANT_KEYS', 'model_kwargs', 'create_model', 'trial_forward', 'compile_model', 'create_automix',
            'create_criterion', 'create_task']
@@ -101,18 +101,13 @@ def _weights_unavailable(name: str, e: OSError) -> CheckpointError:
     if isinstance(e, LocalEntryNotFoundError) and hub_constants.is_offline_mode():
         reason = 'not in the local cache, and HF_HUB_OFFLINE forbids downloads'
     elif isinstance(e, LocalEntryNotFoundError):  # its own text is a paragraph; what failed is its cause, if any
-        reason = 'not in the local cache, and the download failed' + (f': {_describe(cause)}' if cause else '')
+        reason = 'not in the local cache, and the download failed' + (f': {describe(cause)}' if cause else '')
     else:
-        reason = _describe(e)
+        reason = describe(e)
     return CheckpointError(f'pretrained: the weights of {name} cannot be downloaded ({reason})',
                            source or 'timm\'s pretrained weights',
                            'download them once while online (timm keeps them in the Hugging Face cache), or give '
                            '--initial-checkpoint PATH (a weights file), or --pretrained false')
-
-
-def _describe(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f'{type(e).__name__}: {lines[0]}' if lines else type(e).__name__
 
 
 def trial_forward(cfg: TrainConfig, model: nn.Module, accelerator: Accelerator) -> None:
@@ -146,7 +141,7 @@ def trial_forward(cfg: TrainConfig, model: nn.Module, accelerator: Accelerator) 
                 hook.arm(torch.arange(n - 1, -1, -1, device=device))
             model(x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x)
     except Exception as e:  # noqa: BLE001  whatever the forward raises is the configuration's fault
-        reason = f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:200]}'
+        reason = describe(e)
         if 'more than 1 value per channel' in str(e):
             raise ConfigError(f'batch_size: {cfg.batch_size} is too small for the BatchNorm layers of {cfg.model} '
                               f'in training ({reason}); use --batch-size 2 or more') from None

@@ -40,7 +40,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, ResumeMismatch, RunFolderBusy
+from .errors import CheckpointError, ResumeMismatch, RunFolderBusy, describe, first_line
 from .files import atomic_path, atomic_write_text
 
 __all__ = ['TrainState', 'CheckpointManager', 'RunLock', 'LOCK_FILE', 'RESUME_RECORD', 'append_resume_record',
@@ -349,9 +349,9 @@ class CheckpointManager:
                 except RuntimeError as e:  # torch.load says so for a truncated file, load_state_dict for a misfit
                     if _is_misfit(e):
                         raise
-                    raise EOFError(_first_line(e)) from e
+                    raise EOFError(first_line(e)) from e
             except _DAMAGE as e:
-                reason = _describe(e)
+                reason = describe(e)
                 if i + 1 < len(candidates):
                     warnings.warn(f'{path} is damaged ({reason}); resuming from {candidates[i + 1]} instead')
                     continue
@@ -538,17 +538,6 @@ def _is_state_dict(obj: dict) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
-
-
-def _describe(e: BaseException) -> str:
-    """``Type: first line``, or the type alone when the error has no message (an empty file's EOFError)."""
-    text = str(e).strip().splitlines()
-    return f'{type(e).__name__}: {text[0][:200]}' if text else type(e).__name__
-
-
 _TORCH_LEGACY = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'  # torch.save's legacy format: its pickled magic number
 _REFUSED_GLOBAL = re.compile(r'Unsupported global: GLOBAL (\S+)')
 
@@ -564,13 +553,13 @@ def _unreadable(path: Path, head: bytes, e: BaseException) -> Tuple[str, Optiona
         return (f'the file holds Python objects that weights_only=True refuses ({refused.group(1)})',
                 'load it in a trusted session and re-save its state dict with torch.save')
     if len(head) == 9 and head[8:9] == b'{':
-        return f'a truncated or damaged safetensors file ({_describe(e)})', again
+        return f'a truncated or damaged safetensors file ({describe(e)})', again
     if head.startswith(b'PK\x03\x04'):  # torch.save's zip archive
         if not zipfile.is_zipfile(path):
             return 'a truncated or damaged archive (its end, the zip directory, is missing)', again
-        return f'a zip archive that torch.load cannot read ({_describe(e)}): damaged, or not written by torch.save', None
+        return f'a zip archive that torch.load cannot read ({describe(e)}): damaged, or not written by torch.save', None
     if head.startswith(_TORCH_LEGACY[:len(head)]):
-        return f'a truncated or damaged torch.save file ({_describe(e)})', again
+        return f'a truncated or damaged torch.save file ({describe(e)})', again
     return 'not a PyTorch checkpoint (torch.save) nor a safetensors file', None
 
 

@@ -31,7 +31,7 @@ from ..loss.bitempered import BiTemperedLogisticLoss
 from ..ops.moex import MOEX_IMPLS
 from ..task.moex_mixing import MOEX_RECIPES
 from .corruptions import SEVERITIES, parse_corruptions
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .files import atomic_write_text
 
 __all__ = ['TrainConfig', 'parse_config', 'check_values', 'save_config', 'config_help', 'recipe_names',
@@ -402,15 +402,13 @@ def _load_yaml(path: os.PathLike, key: str) -> Any:
     try:
         return yaml.safe_load(raw)
     except yaml.reader.ReaderError as e:
-        reason = (str(e).strip().splitlines() or [''])[0]
-        raise ConfigError(f'{key}: {str(path)!r} is not a text file ({reason}, position {e.position})') from None
+        raise ConfigError(f'{key}: {str(path)!r} is not a text file ({first_line(e)}, position {e.position})') from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f'line {mark.line + 1}, column {mark.column + 1}: ' if mark is not None else ''
         raise ConfigError(f'{key}: {str(path)!r} is not valid YAML ({where}{e.problem or e.context})') from None
     except yaml.YAMLError as e:
-        raise ConfigError(f'{key}: {str(path)!r} is not valid YAML ({(str(e).strip().splitlines() or [""])[0]})') \
-            from None
+        raise ConfigError(f'{key}: {str(path)!r} is not valid YAML ({first_line(e)})') from None
 
 
 def _read_yaml(path: str) -> Dict[str, Any]:

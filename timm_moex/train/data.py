@@ -35,7 +35,7 @@ from torchvision.datasets.utils import check_integrity
 
 from .config import TrainConfig
 from .device_data import DeviceImageDataset, batch_collate, stack_images
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, first_line
 from .images import load_image
 
 __all__ = ['DATASET_STATS', 'check_data_dir', 'check_auto_augment', 'DigitsDataset', 'FileListDataset', 'Cutout',
@@ -253,7 +253,7 @@ def check_auto_augment(policy: str) -> None:
     try:
         _policy(policy, IMAGENET_DEFAULT_MEAN)
     except Exception as e:  # noqa: BLE001  timm raises assorted errors for a value it cannot read
-        raise ConfigError(f"{bad}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        raise ConfigError(f"{bad}: {first_line(e)}") from None
 
 
 def create_transforms(cfg: TrainConfig) -> Tuple[Callable, Callable]:
@@ -356,8 +356,7 @@ def _raw_datasets(cfg: TrainConfig):
             raise DataError(f'{cfg.dataset}: the download failed', reason, 'download it while online, or put the '
                             f'dataset in {os.path.abspath(cfg.data_dir)}') from None
         except RuntimeError as e:  # torchvision: missing or corrupt files
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise DataError(f'{cfg.dataset}: the files cannot be used ({reason})', os.path.abspath(cfg.data_dir),
+            raise DataError(f'{cfg.dataset}: the files cannot be used ({first_line(e)})', os.path.abspath(cfg.data_dir),
                             'download: true (--download) fetches them again') from None
         return train_set, eval_set, train_set.classes
     if cfg.dataset == 'imagefolder':

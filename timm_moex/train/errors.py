@@ -6,7 +6,32 @@
 from typing import Any, Optional
 
 __all__ = ['UserError', 'ConfigError', 'RunError', 'RunFolderBusy', 'ResumeMismatch', 'CheckpointError', 'DataError',
-           'UnreadableImage', 'Diverged', 'Interrupted', 'Terminated', 'TerminationRequest']
+           'UnreadableImage', 'Diverged', 'Interrupted', 'Terminated', 'TerminationRequest', 'first_line', 'describe']
+
+
+def first_line(e: BaseException) -> str:
+    """What a foreign error says, fit for a one-line message: its first line, 200 characters at most.
+
+    Args:
+        e: The error (torch's, PIL's, PyYAML's, ... messages run to paragraphs).
+
+    Returns:
+        The first line of its message, or its type's name when it has none.
+    """
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def describe(e: BaseException) -> str:
+    """``Type: first line`` of an error, or its type's name alone when it has no message (an empty file's EOFError).
+
+    Args:
+        e: The error.
+
+    Returns:
+        The description, one line.
+    """
+    return f'{type(e).__name__}: {first_line(e)}' if str(e).strip() else type(e).__name__
 
 
 class UserError(Exception):

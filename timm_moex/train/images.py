@@ -3,7 +3,7 @@ import os
 
 from PIL import Image
 
-from .errors import UnreadableImage
+from .errors import UnreadableImage, describe
 
 __all__ = ['load_image']
 
@@ -25,6 +25,4 @@ def load_image(path: str) -> Image.Image:
         with Image.open(path) as img:
             return img.convert('RGB')
     except Exception as e:  # noqa: BLE001  PIL raises several types for broken files
-        reason = (str(e).strip().splitlines() or [''])[0][:200]
-        reason = f'{type(e).__name__}: {reason}' if reason else type(e).__name__
-        raise UnreadableImage(os.path.abspath(path), reason) from None
+        raise UnreadableImage(os.path.abspath(path), describe(e)) from None

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from .checkpoint import CheckpointManager, RunLock, append_resume_record, find_latest_checkpoint
 from .config import TrainConfig, read_run_config, resolve_output_dir, resume_differences, save_config
-from .errors import ConfigError, Diverged, ResumeMismatch, RunError, RunFolderBusy
+from .errors import ConfigError, Diverged, ResumeMismatch, RunError, RunFolderBusy, describe
 from .model_folder import push_model_folder
 
 __all__ = ['own_run_folder', 'check_resume', 'apply_resume', 'record_resume', 'diverged', 'push_run', 'SavedRun']
@@ -195,8 +195,7 @@ def push_run(out: Path, repo_id: str) -> None:
     try:
         info = push_model_folder(out, repo_id)
     except Exception as e:  # noqa: BLE001  network, authentication and Hub errors alike
-        reason = (str(e).strip().splitlines() or [''])[0][:200]
-        raise RunError(f'push_to_hub: the upload failed ({type(e).__name__}: {reason})', repo_id,
+        raise RunError(f'push_to_hub: the upload failed ({describe(e)})', repo_id,
                        f'the run folder {out} is complete; retry with python -m timm_moex.train.model_folder {out} '
                        f'{repo_id}') from None
     print(f'pushed {out} to {getattr(info, "commit_url", repo_id)}')

@@ -54,7 +54,7 @@ from ..hooks.moex import MoExHook, attach_moex, reattach_moex
 from ..ops.moex import MOEX_IMPLS, parse_norm
 from ..task.moex import MoExClassificationTask
 from ..task.moex_mixing import MOEX_RECIPES, MoExMixing
-from .errors import ConfigError, DataError, UserError
+from .errors import ConfigError, DataError, UserError, describe
 from .files import atomic_write_text
 
 __all__ = ['main', 'cli', 'load_timm_train', 'hook_running_model', 'MOEX_DEFAULTS', 'TIMM_TRAIN_ENV']
@@ -156,9 +156,8 @@ def load_timm_train(path: os.PathLike) -> types.ModuleType:
         code = compile(path.read_bytes(), module.__file__, 'exec', dont_inherit=True)
         exec(code, module.__dict__)
     except (Exception, SystemExit) as e:  # noqa: BLE001  anything a foreign file raises on import, sys.exit too
-        reason = (str(e).strip().splitlines() or [''])[0][:200]
-        raise ConfigError(f"timm_train: cannot load {str(path)!r} ({type(e).__name__}: {reason}); it must be timm's "
-                          'train.py') from None
+        raise ConfigError(f"timm_train: cannot load {str(path)!r} ({describe(e)}); it must be timm's train.py") \
+            from None
     missing = [name for name in ('ClassificationTask', 'main', '_parse_args') if not hasattr(module, name)]
     if missing:
         raise ConfigError(f"timm_train: {str(path)!r} is not timm's train.py (it defines no {', '.join(missing)}); "

@@ -31,7 +31,7 @@ from .builders import MOEX_VARIANT_KEYS, model_kwargs
 from .config import TrainConfig, check_values, parse_config, resolve_output_dir
 from .corruptions import parse_corruptions
 from .data import check_auto_augment, check_data_dir, device_loader_unsupported, resolve_data_defaults
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 __all__ = ['load_config', 'validate_config']
 
@@ -172,7 +172,7 @@ def _check_opt_kwargs(cfg: TrainConfig) -> None:
                                 momentum=cfg.momentum, **cfg.opt_kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f'opt_kwargs: {cfg.opt_kwargs!r} are not accepted by {cfg.opt!r}: '
-                          f'{(str(e).strip().splitlines() or [type(e).__name__])[0]}') from None
+                          f'{first_line(e)}') from None
     except Exception:  # noqa: BLE001  an optimizer that needs a GPU or a package: reported when the run builds it
         return
 
@@ -192,7 +192,7 @@ def _check_model_build(cfg: TrainConfig) -> None:
     except ValueError as e:  # a *_moex model's MoEx arguments, checked when its hook is made
         if not is_moex_variant(cfg.model):
             return
-        raise ConfigError(f'{cfg.model}: {(str(e).strip().splitlines() or [""])[0]} (the moex_layer / moex_norm / '
+        raise ConfigError(f'{cfg.model}: {first_line(e)} (the moex_layer / moex_norm / '
                           f'moex_eps keys are its MoEx arguments)') from None
     except Exception:  # noqa: BLE001  a model that cannot be built on 'meta': checked when it is built
         return
